@@ -1,0 +1,43 @@
+"""Builds the Serve application from the config tree: Router -> SemanticCache partitions -> one
+LLMServer deployment per model.
+
+`serve run deployments:app model=PATH tensor_parallel_size=2 ...` calls `app(args)`; a Serve config
+file (deployments/serve_config.yaml) passes the same arguments under `args:`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ray import serve
+
+from serving.config import AppConfig, LLMConfig
+
+
+def served_model_name(config: LLMConfig) -> str:
+    from serving.model_loader import served_name
+
+    return served_name(config.model, config.model.path or "")
+
+
+def build_app(config: AppConfig) -> serve.Application:
+    from deployments.cache import cache_partitions
+    from deployments.llm_server import LLMServer, LLMServerDeployment
+    from deployments.router import Router
+    from parallel.worker_group import resolve_device
+
+    llms = {}
+    for llm in config.models:
+        name = served_model_name(llm)
+        if name in llms:
+            raise ValueError(f"two models are served as '{name}': give each a distinct model_name")
+        opts = LLMServer.deployment_options(llm, resolve_device(llm))
+        llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", **opts).bind(llm)
+    caches = cache_partitions(config.cache) if config.cache.enabled else []
+    return Router.options(num_replicas=config.router.num_replicas,
+                          max_ongoing_requests=config.router.max_ongoing_requests).bind(llms, caches, config)
+
+
+def app(args: Optional[dict[str, Any]] = None) -> serve.Application:
+    """The app builder behind `serve run deployments:app [key=value ...]`."""
+    return build_app(AppConfig.from_flat_args(args or {}))

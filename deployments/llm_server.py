@@ -1,0 +1,136 @@
+"""The LLM server deployment: one replica = one engine driving one tensor-parallel worker group.
+
+The replica's placement group holds bundle 0 for the replica itself and bundles 1..N for the ranks
+(`resources()`), packed on one node, so Serve's autoscaler asks for whole TP groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from typing import AsyncIterator, Union
+
+from ray import serve
+
+from serving.config import LLMConfig
+from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
+
+logger = logging.getLogger("ray.serve")
+
+
+class LLMServer:
+    def __init__(self, config: LLMConfig):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from parallel.worker_group import WorkerGroup, resolve_device
+        from serving.async_engine import AsyncEngine
+        from serving.engine import LLMEngine, num_kv_blocks_for
+        from serving.model_loader import load_model_info, load_tokenizer
+
+        self.config = config
+        self.info = load_model_info(config.model)
+        self.tokenizer = load_tokenizer(self.info.path)
+        num_blocks = num_kv_blocks_for(config, self.info)
+        self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
+        engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
+        self.telemetry = _engine_telemetry(self.info.name)
+        self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step)
+        logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
+                    config.parallel.tensor_parallel_size, num_blocks)
+
+    @classmethod
+    def deployment_options(cls, config: LLMConfig, device: str) -> dict:
+        """Serve options for this model: name, replicas or autoscaling, and the placement-group
+        bundles (one for the replica, one per rank)."""
+        from parallel.worker_group import worker_bundles
+
+        serve_opts = config.serve
+        opts: dict = {
+            "max_ongoing_requests": serve_opts.max_ongoing_requests,
+            "health_check_period_s": serve_opts.health_check_period_s,
+            "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
+            "ray_actor_options": {"num_cpus": 0.1},
+            "placement_group_bundles": [{"CPU": 0.1}] + worker_bundles(config, device),
+            "placement_group_strategy": "STRICT_PACK",
+        }
+        if serve_opts.num_replicas is not None:
+            opts["num_replicas"] = serve_opts.num_replicas
+        else:
+            a = serve_opts.autoscaling
+            opts["autoscaling_config"] = {
+                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": max(1, a.min_replicas),
+                "target_ongoing_requests": a.target_ongoing_requests,
+            }
+        return opts
+
+    # ---- request path ---------------------------------------------------------------------------
+
+    def tokenize(self, request: Union[CompletionRequest, ChatCompletionRequest]) -> list[int]:
+        if isinstance(request, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text} for m in request.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        if isinstance(request.prompt, list):
+            return list(request.prompt)
+        return self.tokenizer(request.prompt).input_ids
+
+    def sampling_params(self, request, num_prompt_tokens: int):
+        from serving.sampling import SamplingParams
+
+        room = self.info.max_model_len - num_prompt_tokens
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(self.config.scheduler.default_max_tokens, room))
+        return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              top_k=request.top_k, seed=request.seed, stop=tuple(request.stop_list),
+                              stop_token_ids=self.info.eos_token_ids)
+
+    async def generate(self, request: Union[CompletionRequest, ChatCompletionRequest],
+                       request_id: str = "") -> AsyncIterator[GenerationOutput]:
+        """Streams engine outputs for one request; the last has `finished=True`. Call with stream=True."""
+        request_id = request_id or uuid.uuid4().hex
+        ids = self.tokenize(request)
+        params = self.sampling_params(request, len(ids))
+        async for out in self.engine.generate(request_id, ids, params):
+            yield out
+
+    async def model_card(self) -> dict:
+        return {"id": self.info.name, "max_model_len": self.info.max_model_len}
+
+    # ---- health and telemetry -------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self.engine.error is not None:
+            raise RuntimeError(f"engine failed: {self.engine.error}")
+        await asyncio.get_running_loop().run_in_executor(None, self.group.check_health)
+
+    def record_autoscaling_stats(self) -> dict:
+        return {"num_waiting": float(self.engine.num_pending)}
+
+    def _on_step(self, stats, engine) -> None:
+        if self.telemetry is None:
+            return
+        self.telemetry.record_step(stats)
+        while engine.finished_stats:
+            self.telemetry.record_request(engine.finished_stats.pop())
+
+    def __del__(self):
+        try:
+            self.engine.shutdown()
+            self.group.shutdown()
+        except Exception:
+            pass
+
+
+def _engine_telemetry(model_id: str):
+    try:
+        from deployments.telemetry import EngineTelemetry
+    except ImportError:
+        return None
+    return EngineTelemetry(model_id)
+
+
+LLMServerDeployment = serve.deployment(LLMServer, name="LLMServer")

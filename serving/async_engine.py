@@ -1,0 +1,125 @@
+"""The engine behind an asyncio event loop: a step loop plus one stream per request.
+
+The engine is single-threaded: `step()` runs in one worker thread, and requests are added and
+aborted only between steps (queued from the event loop, applied by the loop). So the event loop
+never blocks on a forward pass, and the engine never sees two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Optional
+
+from serving.engine import LLMEngine
+from serving.errors import OverloadedError, ServingError, UnavailableError
+from serving.protocol import GenerationOutput
+from serving.sampling import SamplingParams
+from serving.stats import StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int,
+                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_step = on_step
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._to_add: list[tuple] = []
+        self._to_abort: set[str] = set()
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
+        self.last_step_time = time.monotonic()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._to_add) + self.engine.num_waiting
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+        """Streams the request's outputs; the last one has `finished=True`. Cancelling aborts it."""
+        if self.error is not None:
+            raise UnavailableError(f"engine failed: {self.error}")
+        if self.num_pending >= self.max_waiting_requests:
+            raise OverloadedError(f"{self.num_pending} requests are already waiting", retry_after=2.0)
+        self.engine.check_request(prompt_token_ids, params)  # 4xx now, not from inside the loop
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._to_add.append((request_id, prompt_token_ids, params, time.monotonic()))
+        self._ensure_loop()
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._to_abort.add(request_id)
+                if self._wakeup is not None:
+                    self._wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _apply_pending(self) -> None:
+        adds, self._to_add = self._to_add, []
+        for request_id, ids, params, arrival in adds:
+            if request_id in self._to_abort:
+                continue
+            try:
+                self.engine.add_request(request_id, ids, params, arrival)
+            except ServingError as e:
+                self._deliver(request_id, e)
+        aborts, self._to_abort = self._to_abort, set()
+        for request_id in aborts:
+            self.engine.abort(request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_pending()
+            if not self.engine.has_unfinished():
+                self._wakeup.clear()
+                if self._to_add or self._to_abort:
+                    continue
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs, stats = await loop.run_in_executor(self._thread, self.engine.step)
+            except Exception as e:  # a rank died or hung: fail everything in flight, stay unhealthy
+                logger.exception("engine step failed")
+                self.error = e
+                for request_id in list(self._streams):
+                    self._deliver(request_id, UnavailableError(f"engine failed: {e}"))
+                return
+            self.last_step_time = time.monotonic()
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.on_step is not None:
+                self.on_step(stats, self.engine)
+            await asyncio.sleep(0)  # let handlers enqueue new requests between steps
+
+    def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)

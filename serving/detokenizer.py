@@ -1,0 +1,71 @@
+"""Incremental detokenization with stop strings.
+
+Text is released only when it is final: never half a UTF-8 character (a byte-level token can end
+inside one), and never text that might still turn out to be the start of a stop string. A stop
+string found in the text ends the sequence and is not emitted, even when it spans tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+REPLACEMENT = "\ufffd"
+# Tokens decoded again on each step as left context (words join differently after a space).
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # decoded output so far (complete characters only)
+        self.num_emitted = 0  # chars of self.text already released
+        self._prefix_offset = 0  # self.ids[_prefix_offset:_read_offset] is left context
+        self._read_offset = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> None:
+        """Adds one generated token; sets `stopped` when a stop string appears."""
+        if self.stopped:
+            return
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset:])
+        if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
+            return  # an incomplete character (or nothing printable yet): wait for more tokens
+        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += full[len(prefix):]
+        self._prefix_offset = max(0, len(self.ids) - _CONTEXT_TOKENS)
+        self._read_offset = len(self.ids)
+        if self.stop:
+            hit = self._find_stop(search_from)
+            if hit is not None:
+                self.text = self.text[:hit]
+                self.stopped = True
+
+    def _find_stop(self, start: int) -> Optional[int]:
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i != -1]
+        return min(found) if found else None
+
+    def _held_back(self) -> int:
+        """Chars at the end of the text that are a proper prefix of some stop string."""
+        longest = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def release(self, final: bool = False) -> str:
+        """The new final text since the last call; with `final`, everything that is left."""
+        end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
+        if end <= self.num_emitted:
+            return ""
+        out = self.text[self.num_emitted:end]
+        self.num_emitted = end
+        return out

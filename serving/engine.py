@@ -1,0 +1,203 @@
+"""The engine: three verbs, `add_request`, `step`, `abort`.
+
+Each `step()` asks the scheduler for a batch, packs it into one `StepInput`, has the executor (a
+worker group of tensor-parallel ranks, or one local rank) run it, and turns the sampled tokens
+into per-request outputs (new text, finish reason). Streaming and `generate` are loops over it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Protocol
+
+import torch
+
+from serving.block_manager import BlockManager
+from serving.config import LLMConfig
+from serving.detokenizer import IncrementalDetokenizer
+from serving.errors import ContextLengthError, InvalidRequestError
+from serving.model_loader import ModelInfo
+from serving.model_runner import StepInput
+from serving.protocol import GenerationOutput
+from serving.sampling import SamplingParams
+from serving.scheduler import ScheduledBatch, Scheduler
+from serving.sequence import Sequence
+from serving.stats import RequestStats, StepStats
+
+
+class Executor(Protocol):
+    def execute(self, inp: StepInput) -> list[int]: ...
+
+
+def num_kv_blocks_for(config: LLMConfig, info: ModelInfo) -> int:
+    sched = config.scheduler
+    if sched.num_kv_blocks is not None:
+        return sched.num_kv_blocks
+    per_block = info.kv_bytes_per_block(sched.block_size, config.model.dtype, config.parallel.tensor_parallel_size)
+    return max(1, sched.kv_cache_memory_bytes // per_block)
+
+
+class LLMEngine:
+    def __init__(self, config: LLMConfig, info: ModelInfo, tokenizer, executor: Executor, num_kv_blocks: int):
+        self.config = config
+        self.info = info
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.blocks = BlockManager(num_kv_blocks, config.scheduler.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._released: list[int] = []  # seq ids whose sampler state the ranks may drop
+        self.finished_stats: list[RequestStats] = []  # drained by the owner (metrics)
+
+    # ---- the three verbs ----------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises a 4xx `ServingError` for a request that can never run. Reads only immutable state."""
+        n = len(prompt_token_ids)
+        limit = self.info.max_model_len
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if n + params.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion).")
+        if self.blocks.blocks_for(n + params.max_tokens) > self.blocks.num_blocks:
+            raise ContextLengthError(
+                f"The request needs {n + params.max_tokens} tokens of KV cache; this server holds "
+                f"{self.blocks.num_blocks * self.blocks.block_size}.")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        """Queues a request; raises a 4xx `ServingError` for one that can never run."""
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"duplicate request id {request_id}")
+        self.check_request(prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, arrival_time)
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+
+    def step(self) -> tuple[list[GenerationOutput], StepStats]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        outputs: list[GenerationOutput] = []
+        stats = StepStats(num_preempted=batch.num_preempted, num_seqs=len(batch.entries),
+                          num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens)
+        if batch:
+            now = time.monotonic()
+            for seq, _ in batch.entries:
+                if seq.stats.first_scheduled_time is None:
+                    seq.stats.first_scheduled_time = now
+            inp, sampled = self._build_input(batch)
+            t1 = time.perf_counter()
+            tokens = self.executor.execute(inp)
+            stats.forward_time_s = time.perf_counter() - t1
+            for seq, n in batch.entries:
+                seq.num_computed_tokens += n
+            now = time.monotonic()
+            for seq, token in zip(sampled, tokens):
+                outputs.append(self._append_token(seq, token, now))
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.num_kv_blocks_used = self.blocks.num_used_blocks
+        stats.num_kv_blocks_free = self.blocks.num_free_blocks
+        stats.step_time_s = time.perf_counter() - t0
+        return outputs, stats
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _build_input(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
+        """Packs the batch. Index tensors are built with vectorised ops (Python loops only over sequences)."""
+        bs = self.blocks.block_size
+        ids: list[int] = []
+        qlens, ctxs, computed, tables, sampled = [], [], [], [], []
+        for seq, n in batch.entries:
+            nc = seq.num_computed_tokens
+            ids.extend(seq.token_ids[nc:nc + n])
+            qlens.append(n)
+            ctxs.append(nc + n)
+            computed.append(nc)
+            tables.append(seq.block_table)
+            if nc + n == len(seq):
+                sampled.append(seq)
+        num_seqs, width = len(tables), max(len(t) for t in tables)
+        table = torch.zeros(num_seqs, width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        # [B, width * bs] flat slots of every position, cut to the longest context
+        context_slots = (table[:, :, None] * bs + torch.arange(bs)).view(num_seqs, -1)[:, :max(ctxs)]
+        q = torch.tensor(qlens)
+        ends = q.cumsum(0)
+        row = torch.repeat_interleave(torch.arange(num_seqs), q)  # [T] sequence of each token
+        positions = torch.arange(int(ends[-1])) - (ends - q)[row] + torch.tensor(computed)[row]
+        is_sampled = torch.tensor([c == len(s) for (s, _), c in zip(batch.entries, ctxs)])
+        params = [s.params for s in sampled]
+        inp = StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=positions,
+            slot_mapping=context_slots[row, positions],
+            query_lens=qlens,
+            context_lens=ctxs,
+            context_slots=context_slots,
+            logits_indices=(ends - 1)[is_sampled],
+            seq_ids=[s.seq_id for s in sampled],
+            temperatures=[p.temperature for p in params],
+            top_ps=[p.top_p for p in params],
+            top_ks=[p.top_k for p in params],
+            seeds=[p.seed for p in params],
+            released_seq_ids=self._released,
+        )
+        self._released = []
+        return inp, sampled
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> GenerationOutput:
+        seq.token_ids.append(token)
+        st = seq.stats
+        if st.first_token_time is None:
+            st.first_token_time = now
+        st.token_times.append(now)
+        detok = self._detok[seq.request_id]
+        reason = None
+        if token in seq.params.stop_token_ids:
+            reason = "stop"
+        else:
+            detok.add(token)
+            if detok.stopped:
+                reason = "stop"
+        if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.info.max_model_len):
+            reason = "length"
+        text = detok.release(final=reason is not None)
+        out = GenerationOutput(request_id=seq.request_id, text=text, token_ids=[token],
+                               finished=reason is not None, finish_reason=reason,
+                               num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+        if reason is not None:
+            self._finish(seq, reason)
+        return out
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._released.append(seq.seq_id)
+        del self._seqs[seq.request_id]
+        del self._detok[seq.request_id]
+        seq.stats.finished_time = time.monotonic()
+        seq.stats.finish_reason = reason
+        seq.stats.num_output_tokens = seq.num_output_tokens
+        self.finished_stats.append(seq.stats)
+        if len(self.finished_stats) > 10_000:  # bounded when nobody drains it
+            del self.finished_stats[:5_000]

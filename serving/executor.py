@@ -1,0 +1,33 @@
+"""The executor that runs steps in this process: one rank, no Ray, no DeepSpeed.
+
+Used by unit tests and by benchmarks that measure the engine without transport. The Serve
+deployment uses `parallel.worker_group.WorkerGroup`, which has the same `execute`.
+"""
+
+from __future__ import annotations
+
+from serving.config import LLMConfig
+from serving.engine import LLMEngine, num_kv_blocks_for
+from serving.model_loader import load_model, load_model_info, load_tokenizer
+from serving.model_runner import StepInput, StepRunner
+
+
+class LocalExecutor:
+    def __init__(self, path: str, dtype: str, num_kv_blocks: int, block_size: int, device: str = "cpu"):
+        self.step_runner = StepRunner(load_model(path, dtype, device), num_kv_blocks, block_size, device)
+
+    def execute(self, inp: StepInput) -> list[int]:
+        return self.step_runner.execute(inp)
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def build_local_engine(config: LLMConfig) -> LLMEngine:
+    info = load_model_info(config.model)
+    blocks = num_kv_blocks_for(config, info)
+    executor = LocalExecutor(info.path, config.model.dtype, blocks, config.scheduler.block_size)
+    return LLMEngine(config, info, load_tokenizer(info.path), executor, blocks)

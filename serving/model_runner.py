@@ -1,0 +1,184 @@
+"""One forward of an unmodified Hugging Face causal LM over a packed ragged batch, with the
+engine owning the KV cache in blocks.
+
+How (NOTES.md, "An engine-owned block KV cache"): we register an attention function with
+transformers' `AttentionInterface` and call the model with `input_ids`/`position_ids` of shape
+[1, T] (prefill chunks and decode tokens of many sequences packed together), `use_cache=False`
+and one extra keyword argument, `paged_meta`, that HF passes down to every attention call. The
+function writes the step's new keys/values into per-layer block pools and attends each sequence
+over its own blocks. The pools are sized from the tensors the function receives, so under
+tensor parallelism each rank holds only its heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "engine_paged"
+
+
+@dataclass
+class StepInput:
+    """Everything a rank needs for one step; built by the engine, identical on every rank."""
+
+    input_ids: torch.Tensor  # [T] int64, the step's new tokens, sequence after sequence
+    positions: torch.Tensor  # [T] int64, their positions in their sequences
+    slot_mapping: torch.Tensor  # [T] int64, flat KV slot (block * block_size + offset) of each new token
+    query_lens: list[int]  # [B] new tokens per sequence (1 = decode)
+    context_lens: list[int]  # [B] tokens per sequence after this step (cached + new)
+    context_slots: torch.Tensor  # [B, max_context_len] int64, flat KV slots of every context token (0-padded)
+    logits_indices: torch.Tensor  # [S] int64, index in T of the last token of each sequence to sample
+    # Sampling, one entry per sampled sequence (same order as logits_indices).
+    seq_ids: list[int] = field(default_factory=list)
+    temperatures: list[float] = field(default_factory=list)
+    top_ps: list[float] = field(default_factory=list)
+    top_ks: list[int] = field(default_factory=list)
+    seeds: list[Optional[int]] = field(default_factory=list)
+    # Sequences that ended since the last step: their per-request RNG state can go.
+    released_seq_ids: list[int] = field(default_factory=list)
+
+
+class _Meta:
+    """Per-step tensors derived once from a StepInput and shared by all layers."""
+
+    def __init__(self, inp: StepInput, pools: "KVPools"):
+        self.pools = pools
+        self.slot_mapping = inp.slot_mapping
+        starts, s = [], 0
+        for q in inp.query_lens:
+            starts.append(s)
+            s += q
+        decode = [i for i, q in enumerate(inp.query_lens) if q == 1]
+        self.prefill = [(starts[i], q, inp.context_lens[i], i) for i, q in enumerate(inp.query_lens) if q != 1]
+        self.context_slots = inp.context_slots
+        self.decode_rows = None
+        if decode:
+            dev = inp.input_ids.device
+            rows = torch.tensor(decode, dtype=torch.long, device=dev)
+            ctx_lens = [inp.context_lens[i] for i in decode]
+            ctx = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
+            max_ctx = max(ctx_lens)
+            self.decode_rows = rows
+            self.decode_token_idx = torch.tensor([starts[i] for i in decode], dtype=torch.long, device=dev)
+            self.decode_slots = inp.context_slots[rows, :max_ctx]  # [Bd, L]
+            # [Bd, 1, 1, L]: True where the key is inside the sequence
+            self.decode_mask = (torch.arange(max_ctx, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+
+
+class KVPools:
+    """Per-layer key and value pools [num_blocks * block_size, kv_heads, head_dim], made on first use."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_slots = num_blocks * block_size
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def get(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.k:
+            # like: [1, kv_heads, T, head_dim] (this rank's heads only)
+            shape = (self.num_slots, like.shape[1], like.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.k[layer], self.v[layer]
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged_meta=None, **kwargs):
+    """Attention over engine-owned block pools. query: [1, H, T, D]; key/value: [1, KVH, T, D]."""
+    meta: _Meta = paged_meta
+    assert meta is not None, "the engine-paged attention needs paged_meta"
+    k_pool, v_pool = meta.pools.get(module.layer_idx, key)
+    k_pool.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, KVH, D]
+    v_pool.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    q_all = query[0]  # [H, T, D]
+    out = torch.empty(q_all.shape[1], q_all.shape[0], q_all.shape[2], dtype=query.dtype, device=query.device)
+    if meta.decode_rows is not None:
+        q = q_all[:, meta.decode_token_idx, :].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
+        k = k_pool[meta.decode_slots].permute(0, 2, 1, 3)  # [Bd, KVH, L, D]
+        v = v_pool[meta.decode_slots].permute(0, 2, 1, 3)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
+        out[meta.decode_token_idx] = o[:, :, 0, :]
+    for start, q_len, ctx_len, row in meta.prefill:
+        q = q_all[:, start:start + q_len, :].unsqueeze(0)  # [1, H, q, D]
+        slots = meta.context_slots[row, :ctx_len]
+        k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+        if ctx_len == q_len:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            # queries sit at positions ctx_len - q_len ... ctx_len - 1 (bottom-right aligned causal mask)
+            qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[start:start + q_len] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+def register_paged_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, paged_attention)
+
+
+class ModelRunner:
+    """Runs steps of one model (or one tensor-parallel shard of it) over its own KV pools."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: str = "cpu"):
+        register_paged_attention()
+        self.model = model
+        self.device = torch.device(device)
+        inner = getattr(model, "module", model)
+        inner.set_attn_implementation(ATTN_NAME)
+        self.pools = KVPools(num_blocks, block_size)
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInput) -> torch.Tensor:
+        """Returns the logits of the sampled positions, [S, vocab] float32."""
+        dev = self.device
+        if dev.type != "cpu":
+            inp = _to_device(inp, dev)
+        meta = _Meta(inp, self.pools)
+        out = self.model(
+            input_ids=inp.input_ids[None],
+            position_ids=inp.positions[None],
+            use_cache=False,
+            logits_to_keep=inp.logits_indices,
+            paged_meta=meta,
+        )
+        return out.logits[0].float()
+
+
+def _to_device(inp: StepInput, dev: torch.device) -> StepInput:
+    # context_slots stays where indexing happens (pools are on `dev`), so move it too.
+    return StepInput(
+        input_ids=inp.input_ids.to(dev, non_blocking=True),
+        positions=inp.positions.to(dev, non_blocking=True),
+        slot_mapping=inp.slot_mapping.to(dev, non_blocking=True),
+        query_lens=inp.query_lens,
+        context_lens=inp.context_lens,
+        context_slots=inp.context_slots.to(dev, non_blocking=True),
+        logits_indices=inp.logits_indices.to(dev, non_blocking=True),
+        seq_ids=inp.seq_ids, temperatures=inp.temperatures, top_ps=inp.top_ps, top_ks=inp.top_ks,
+        seeds=inp.seeds, released_seq_ids=inp.released_seq_ids,
+    )
+
+
+class StepRunner:
+    """A rank's whole step: the forward, then (on the rank that samples) the sampler."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: str = "cpu",
+                 samples: bool = True):
+        from serving.sampling import Sampler
+
+        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        self.sampler = Sampler(device) if samples else None
+
+    def execute(self, inp: StepInput) -> Optional[list[int]]:
+        logits = self.runner.forward(inp)
+        if self.sampler is None:
+            return None
+        self.sampler.release(inp.released_seq_ids)
+        return self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)

@@ -1,0 +1,108 @@
+"""The continuous-batching scheduler: every step, which sequences run and how many tokens each.
+
+Pure Python over two queues. Per step, within `max_num_batched_tokens` and `max_num_seqs`:
+1. running sequences first, oldest first: one decode token each, or the next chunk of a prompt
+   still being prefilled (chunked prefill, so a long prompt never stalls decoding);
+2. then waiting sequences, oldest first, as long as tokens, sequence slots and KV blocks allow.
+When a running sequence needs a block and none is free, the newest running sequence is preempted:
+its blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its
+tokens (prompt plus what it has generated) when there is room.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from serving.block_manager import BlockManager
+from serving.config import SchedulerConfig
+from serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    # (sequence, number of its tokens computed this step), in the order they are packed
+    entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for s, n in self.entries if s.is_prefill)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_tokens - self.num_prefill_tokens
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed_tokens + n) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+                batch.num_preempted += 1
+            if not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
+                self._preempt(seq)  # the newest sequence left cannot grow: it waits
+                batch.num_preempted += 1
+                break
+            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            batch.entries.append((seq, n))
+            budget -= n
+            i += 1
+        if batch.num_preempted:
+            return batch  # NOTE: admit nothing new while memory is short
+        while self.waiting and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # the chunk is also bounded by the slots the free blocks give
+            fit = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size - seq.num_computed_tokens
+            n = min(seq.num_uncomputed_tokens, budget, fit)
+            if n <= 0:
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.entries.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)  # recompute later from seq.token_ids
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends `seq` (done, or aborted) and returns its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
