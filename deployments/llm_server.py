@@ -36,6 +36,7 @@ class LLMServer:
         engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
         self.telemetry = _engine_telemetry(self.info.name)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step)
+        self.num_requests = 0
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
                     config.parallel.tensor_parallel_size, num_blocks)
 
@@ -91,6 +92,7 @@ class LLMServer:
                        request_id: str = "") -> AsyncIterator[GenerationOutput]:
         """Streams engine outputs for one request; the last has `finished=True`. Call with stream=True."""
         request_id = request_id or uuid.uuid4().hex
+        self.num_requests += 1
         ids = self.tokenize(request)
         params = self.sampling_params(request, len(ids))
         async for out in self.engine.generate(request_id, ids, params):
@@ -98,6 +100,12 @@ class LLMServer:
 
     async def model_card(self) -> dict:
         return {"id": self.info.name, "max_model_len": self.info.max_model_len}
+
+    async def stats(self) -> dict:
+        """Counters of this replica (requests that reached the engine, KV blocks in use)."""
+        blocks = self.engine.engine.blocks
+        return {"num_requests": self.num_requests, "num_kv_blocks": blocks.num_blocks,
+                "num_kv_blocks_free": blocks.num_free_blocks, "num_pending": self.engine.num_pending}
 
     # ---- health and telemetry -------------------------------------------------------------------
 

@@ -229,17 +229,20 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     async def _complete(self, request: AnyRequest) -> Union[CompletionResponse, ChatCompletionResponse]:
-        texts, last, cached = [], None, False
+        texts, ids, last, cached = [], [], None, False
         async for out, cached in self._with_timeout(request):
             texts.append(out.text)
+            ids.extend(out.token_ids)
             last = out
         usage = _usage(last)
         text = "".join(texts)
+        token_ids = ids if request.return_token_ids and not cached else None
         if isinstance(request, ChatCompletionRequest):
             return ChatCompletionResponse(model=request.model, usage=usage, cached=cached, choices=[
-                ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)])
+                ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason,
+                           token_ids=token_ids)])
         return CompletionResponse(model=request.model, usage=usage, cached=cached, choices=[
-            CompletionChoice(text=text, finish_reason=last.finish_reason)])
+            CompletionChoice(text=text, finish_reason=last.finish_reason, token_ids=token_ids)])
 
     async def _stream_chunks(self, request: AnyRequest):
         """OpenAI stream chunks; the last carries finish_reason, then (if asked) a usage chunk."""
@@ -248,16 +251,17 @@ class Router:
         created = int(time.time())
         first = True
         async for out, cached in self._with_timeout(request):
-            if not out.text and not out.finished and not first:
+            if not out.text and not out.finished and not first and not request.return_token_ids:
                 continue
             reason = out.finish_reason if out.finished else None
+            ids = out.token_ids if request.return_token_ids and not cached else None
             if is_chat:
                 delta = DeltaMessage(role="assistant" if first else None, content=out.text)
-                yield ChatCompletionChunk(id=rid, created=created, model=request.model, cached=cached,
-                                          choices=[ChatChunkChoice(delta=delta, finish_reason=reason)])
+                yield ChatCompletionChunk(id=rid, created=created, model=request.model, cached=cached, choices=[
+                    ChatChunkChoice(delta=delta, finish_reason=reason, token_ids=ids)])
             else:
-                yield CompletionChunk(id=rid, created=created, model=request.model, cached=cached,
-                                      choices=[CompletionChoice(text=out.text, finish_reason=reason)])
+                yield CompletionChunk(id=rid, created=created, model=request.model, cached=cached, choices=[
+                    CompletionChoice(text=out.text, finish_reason=reason, token_ids=ids)])
             first = False
             if out.finished and request.include_usage:
                 cls = ChatCompletionChunk if is_chat else CompletionChunk

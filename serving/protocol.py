@@ -66,6 +66,8 @@ class _SamplingFields(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     cache: Optional[CacheControl] = None
+    # Extension (as in vLLM): return the generated token ids with each choice.
+    return_token_ids: bool = False
     # Accepted only at their neutral values (see _NEUTRAL).
     n: Optional[int] = 1
     best_of: Optional[int] = None
@@ -177,6 +179,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: Optional[Literal["stop", "length", "abort"]] = None
     logprobs: Optional[Any] = None
+    token_ids: Optional[list[int]] = None  # with return_token_ids
 
 
 class CompletionResponse(BaseModel):
@@ -199,6 +202,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     finish_reason: Optional[Literal["stop", "length", "abort"]] = None
     logprobs: Optional[Any] = None
+    token_ids: Optional[list[int]] = None  # with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -221,6 +225,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: Optional[Literal["stop", "length", "abort"]] = None
     logprobs: Optional[Any] = None
+    token_ids: Optional[list[int]] = None  # with return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):

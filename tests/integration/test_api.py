@@ -1,0 +1,140 @@
+"""The serving path end to end over HTTP: router -> cache -> LLM server (TP=2), with the official
+`openai` client, against plain Hugging Face `generate` on the same folder."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import TINY_NAME
+
+PROMPTS = ["The quick brown fox", "Hello, world! How are", "To be or not to be, that",
+           "Numbers: 0 1 2 3", "A journey of a thousand miles begins with", "Convert a string"]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_model))
+
+
+def hf_greedy(hf, ids: list[int], max_new_tokens: int) -> list[int]:
+    model, tok = hf
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def client(llm_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=llm_app + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_greedy_tp2_concurrent_equals_hf_generate(llm_app, hf):
+    """Several prompts sent at once share forward passes; each equals HF generate alone, token for token."""
+    tok = hf[1]
+
+    def call(prompt):
+        body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                "return_token_ids": True, "cache": {"skip": True, "no_store": True}}
+        return httpx.post(llm_app + "/v1/completions", json=body, timeout=120).json()
+
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(call, PROMPTS))
+    for prompt, res in zip(PROMPTS, results):
+        ids = tok(prompt).input_ids
+        expected = hf_greedy(hf, ids, 24)
+        assert res["choices"][0]["token_ids"] == expected, prompt
+        assert res["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                                "total_tokens": len(ids) + len(expected)}
+
+
+def test_openai_client_completions_and_chat(client, hf):
+    tok = hf[1]
+    extra = {"cache": {"skip": True, "no_store": True}}
+    plain = client.completions.create(model=TINY_NAME, prompt="The quick brown fox", max_tokens=16,
+                                      temperature=0, extra_body=extra)
+    assert plain.usage.prompt_tokens == len(tok("The quick brown fox").input_ids)
+    assert plain.usage.completion_tokens == 16 and plain.choices[0].finish_reason == "length"
+
+    chunks = list(client.completions.create(model=TINY_NAME, prompt="The quick brown fox", max_tokens=16,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body=extra))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create(model=TINY_NAME, messages=messages, max_tokens=12, temperature=0,
+                                          extra_body=extra)
+    prompt_ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False).input_ids
+    assert chat.usage.prompt_tokens == len(prompt_ids)
+    assert chat.choices[0].message.role == "assistant"
+    stream = list(client.chat.completions.create(model=TINY_NAME, messages=messages, max_tokens=12,
+                                                 temperature=0, stream=True, extra_body=extra))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason is not None
+
+
+def test_models_and_health(client, llm_app):
+    assert [m.id for m in client.models.list().data] == [TINY_NAME]
+    assert httpx.get(llm_app + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_stop_string_is_not_emitted(client):
+    extra = {"cache": {"skip": True, "no_store": True}}
+    full = client.completions.create(model=TINY_NAME, prompt="Hello, world!", max_tokens=20, temperature=0,
+                                     extra_body=extra).choices[0].text
+    stop = full[5:8]
+    assert len(stop) == 3
+    res = client.completions.create(model=TINY_NAME, prompt="Hello, world!", max_tokens=20, temperature=0,
+                                    stop=[stop], extra_body=extra).choices[0]
+    assert res.finish_reason == "stop"
+    assert res.text == full[:full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    extra = {"cache": {"skip": True, "no_store": True}}
+    kw = dict(model=TINY_NAME, prompt="The quick", max_tokens=12, temperature=1.0, top_p=0.9, extra_body=extra)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b'["a list"]', 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": 5}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "max_tokens": "many"}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "max_tokens": -3}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "n": 2}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "frobnicate": True}, 400),
+    ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "word " * 3000}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "word " * 3000, "stream": True}, 400),
+    ("/v1/chat/completions", {"model": TINY_NAME}, 400),
+    ("/v1/chat/completions", {"model": TINY_NAME, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": TINY_NAME, "messages": [{"role": "robot", "content": "x"}]}, 400),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD)
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(llm_app, path, body, status):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(llm_app + path, timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    ok = httpx.post(llm_app + "/v1/completions", timeout=60,
+                    json={"model": TINY_NAME, "prompt": "ok", "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200
