@@ -52,8 +52,10 @@ class TPWorker:
         self.step_runner = StepRunner(model, num_kv_blocks, block_size, device, samples=self.rank == 0)
         return sum(p.numel() for p in model.parameters())
 
-    def execute(self, step_input) -> Optional[list[int]]:
-        return self.step_runner.execute(step_input)
+    def execute(self, step_input) -> Optional[tuple[list[int], float]]:
+        """Rank 0: (tokens, seconds spent in forward and sampling); other ranks: None."""
+        tokens = self.step_runner.execute(step_input)
+        return None if tokens is None else (tokens, self.step_runner.last_time_s)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

@@ -45,6 +45,7 @@ class WorkerGroup:
                  first_bundle: int = 1, load_timeout_s: float = 900.0):
         par = config.parallel
         self.step_timeout_s = par.step_timeout_s
+        self.last_model_time_s = 0.0  # rank 0's forward + sampling time in the last step
         self._own_pg = None
         pg = get_current_placement_group()
         if pg is None:  # outside a Serve replica with bundles: make our own
@@ -67,7 +68,8 @@ class WorkerGroup:
 
     def execute(self, step_input) -> list[int]:
         refs = [w.execute.remote(step_input) for w in self.workers]
-        return ray.get(refs, timeout=self.step_timeout_s)[0]
+        tokens, self.last_model_time_s = ray.get(refs, timeout=self.step_timeout_s)[0]
+        return tokens
 
     def check_health(self, timeout_s: float = 10.0) -> None:
         """Raises if any rank is dead or does not answer (on its own concurrency group)."""

@@ -58,6 +58,14 @@ class AsyncEngine:
         try:
             while True:
                 item = await queue.get()
+                # NOTE: outputs that piled up while the consumer was busy go out as one (fewer,
+                # bigger stream items under load; one item per token when the consumer keeps up).
+                while not isinstance(item, BaseException) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        queue.put_nowait(nxt)
+                        break
+                    item = _merge(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -123,3 +131,8 @@ class AsyncEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _merge(a: GenerationOutput, b: GenerationOutput) -> GenerationOutput:
+    """`a` then `b` as one output."""
+    return b.model_copy(update={"text": a.text + b.text, "token_ids": a.token_ids + b.token_ids})

@@ -19,6 +19,10 @@ class LocalExecutor:
     def execute(self, inp: StepInput) -> list[int]:
         return self.step_runner.execute(inp)
 
+    @property
+    def last_model_time_s(self) -> float:
+        return self.step_runner.last_time_s
+
     def check_health(self) -> None:
         pass
 

@@ -12,6 +12,7 @@ tensor parallelism each rank holds only its heads.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -175,10 +176,15 @@ class StepRunner:
 
         self.runner = ModelRunner(model, num_blocks, block_size, device)
         self.sampler = Sampler(device) if samples else None
+        self.last_time_s = 0.0
 
     def execute(self, inp: StepInput) -> Optional[list[int]]:
+        """The sampled tokens (None on ranks that do not sample); sets `last_time_s`."""
+        t0 = time.perf_counter()
         logits = self.runner.forward(inp)
-        if self.sampler is None:
-            return None
-        self.sampler.release(inp.released_seq_ids)
-        return self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)
+        tokens = None
+        if self.sampler is not None:
+            self.sampler.release(inp.released_seq_ids)
+            tokens = self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)
+        self.last_time_s = time.perf_counter() - t0
+        return tokens

@@ -25,7 +25,8 @@ class StepStats:
     num_spec_proposed: int = 0  # speculative tokens proposed this step
     num_spec_accepted: int = 0  # of them, accepted
     step_time_s: float = 0.0  # wall time of the whole step
-    forward_time_s: float = 0.0  # wall time inside the worker group (model forward + sampling + transport)
+    forward_time_s: float = 0.0  # wall time inside the executor (model forward + sampling + transport)
+    model_time_s: float = 0.0  # of it, rank 0's model forward + sampling (no transport)
 
 
 @dataclass
