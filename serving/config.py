@@ -117,6 +117,8 @@ class LLMConfig(_Frozen):
 class RouterConfig(_Frozen):
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=512, ge=1)
+    # Requests queued at the proxy beyond max_ongoing_requests; past this Serve answers 503.
+    max_queued_requests: int = Field(default=2048, ge=1)
     # Seconds a request may wait for its first token before the router gives up with 503.
     request_timeout_s: float = Field(default=600.0, gt=0)
 
