@@ -16,7 +16,10 @@ _CONTEXT_TOKENS = 6
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
+        # NOTE: a fast tokenizer's Rust object decodes several times faster than the HF wrapper
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._decode_ids = (backend.decode if backend is not None
+                            else lambda ids, skip_special_tokens: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""  # decoded output so far (complete characters only)
@@ -26,7 +29,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decode_ids(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> None:
         """Adds one generated token; sets `stopped` when a stop string appears."""

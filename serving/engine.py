@@ -138,9 +138,7 @@ class LLMEngine:
             if nc + n == len(seq):
                 sampled.append(seq)
         num_seqs, width = len(tables), max(len(t) for t in tables)
-        table = torch.zeros(num_seqs, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         # [B, width * bs] flat slots of every position, cut to the longest context
         context_slots = (table[:, :, None] * bs + torch.arange(bs)).view(num_seqs, -1)[:, :max(ctxs)]
         q = torch.tensor(qlens)

@@ -98,15 +98,18 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty(q_all.shape[1], q_all.shape[0], q_all.shape[2], dtype=query.dtype, device=query.device)
     if meta.decode_rows is not None:
         q = q_all[:, meta.decode_token_idx, :].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        k = k_pool[meta.decode_slots].permute(0, 2, 1, 3)  # [Bd, KVH, L, D]
-        v = v_pool[meta.decode_slots].permute(0, 2, 1, 3)
+        # NOTE: index_select on the flat slots is several times faster than 2-D advanced indexing
+        bd, width = meta.decode_slots.shape
+        flat = meta.decode_slots.reshape(-1)
+        k = k_pool.index_select(0, flat).view(bd, width, *k_pool.shape[1:]).transpose(1, 2)  # [Bd, KVH, L, D]
+        v = v_pool.index_select(0, flat).view(bd, width, *v_pool.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
         out[meta.decode_token_idx] = o[:, :, 0, :]
     for start, q_len, ctx_len, row in meta.prefill:
         q = q_all[:, start:start + q_len, :].unsqueeze(0)  # [1, H, q, D]
         slots = meta.context_slots[row, :ctx_len]
-        k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+        k = k_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        v = v_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)
         if ctx_len == q_len:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
