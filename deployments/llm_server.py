@@ -34,7 +34,7 @@ class LLMServer:
         num_blocks = num_kv_blocks_for(config, self.info)
         self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
         engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
-        self.telemetry = _engine_telemetry(self.info.name)
+        self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step)
         self.num_requests = 0
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
@@ -119,8 +119,6 @@ class LLMServer:
         return {"num_waiting": float(self.engine.num_pending)}
 
     def _on_step(self, stats, engine) -> None:
-        if self.telemetry is None:
-            return
         self.telemetry.record_step(stats)
         while engine.finished_stats:
             self.telemetry.record_request(engine.finished_stats.pop())
@@ -133,12 +131,10 @@ class LLMServer:
             pass
 
 
-def _engine_telemetry(model_id: str):
-    try:
-        from deployments.telemetry import EngineTelemetry
-    except ImportError:
-        return None
-    return EngineTelemetry(model_id)
+def _engine_telemetry(model_id: str, price_per_hour: float):
+    from deployments.telemetry import EngineTelemetry
+
+    return EngineTelemetry(model_id, price_per_hour=price_per_hour)
 
 
 LLMServerDeployment = serve.deployment(LLMServer, name="LLMServer")

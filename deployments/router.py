@@ -53,10 +53,8 @@ def _validation_error(e: ValidationError) -> InvalidRequestError:
 
 
 def _router_telemetry():
-    try:
-        from deployments.telemetry import RouterTelemetry
-    except ImportError:
-        return None
+    from deployments.telemetry import RouterTelemetry
+
     return RouterTelemetry()
 
 
@@ -138,12 +136,10 @@ class Router:
                 logger.exception("internal error on %s", endpoint)
                 err = ServingError(f"internal error: {type(e).__name__}")
             status = err.status_code
-            if self.telemetry is not None:
-                self.telemetry.record_error(type(err).__name__)
+            self.telemetry.record_error(err)
             return error_response(err)
         finally:
-            if self.telemetry is not None:
-                self.telemetry.record_http(endpoint, status)
+            self.telemetry.record_http(endpoint, status)
 
     # ---- the Python handle API ----------------------------------------------------------------
 

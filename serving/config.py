@@ -102,6 +102,8 @@ class ServeOptions(_Frozen):
     max_ongoing_requests: int = Field(default=256, ge=1)
     # Health check period; the check pings every rank.
     health_check_period_s: float = Field(default=10.0, gt=0)
+    # Hourly price of one replica's hardware (all ranks), for the cost-per-token metrics; 0 = none.
+    price_per_hour: float = Field(default=0.0, ge=0)
 
 
 class LLMConfig(_Frozen):
@@ -184,6 +186,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "draft_model": ("speculative", "draft_model"),
     "num_speculative_tokens": ("speculative", "num_speculative_tokens"),
     "num_replicas": ("serve", "num_replicas"),
+    "price_per_hour": ("serve", "price_per_hour"),
     "cache": ("cache", "enabled"),
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),

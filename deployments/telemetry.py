@@ -1,0 +1,227 @@
+"""Recording the framework's metrics (specs in `serving/metrics.py`) through Ray Serve's metrics API.
+
+Three small recorders, one per kind of replica; create one in the replica's constructor and call it
+from the code paths below. Each call is cheap (a few Ray metric records) and never raises for lack
+of Ray: outside a Ray worker (unit tests of the engine) every call does nothing.
+
+    engine = EngineTelemetry(model_id, price_per_hour=cfg.serve.price_per_hour)   # LLMServer.__init__
+    engine.record_step(step_stats)        # after every engine step (serving.stats.StepStats)
+    engine.record_request(request_stats)  # once per finished or aborted request (RequestStats)
+    engine.record_restart()               # after the worker group was rebuilt
+
+    router = RouterTelemetry()                        # Router.__init__
+    router.record_http("/v1/chat/completions", 200)   # every response: route template, status code
+    router.record_error(exc)                          # every error: a ServingError, any exception, or a str
+
+    cache = CacheTelemetry()               # SemanticCache deployment __init__
+    cache.observe_lookup(seconds)          # once per lookup
+    cache.record_stats(self.core.stats)    # after lookups and inserts: at most once a second, it
+                                           # turns cumulative counts into counter increments
+
+Instruments are `ray.serve.metrics` objects, created lazily on first use in each process, so that
+inside a replica Serve adds the `application`, `deployment` and `replica` labels (plain
+`ray.util.metrics` objects do not get them; checked against a real export, Ray 2.60). Ray exports
+them to Prometheus as `ray_<name>` (counters `ray_<name>_total`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Mapping, Optional, Union
+
+from serving import metrics as m
+from serving.stats import RequestStats, StepStats
+
+_instruments: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _instrument(spec: m.MetricSpec):
+    """The process's Ray metric object for `spec`, or None outside a Ray worker."""
+    inst = _instruments.get(spec.name)
+    if inst is not None:
+        return inst
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.serve import metrics as serve_metrics
+
+    with _lock:
+        inst = _instruments.get(spec.name)
+        if inst is None:
+            kwargs = dict(description=spec.description, tag_keys=spec.labels)
+            if spec.kind is m.MetricKind.COUNTER:
+                inst = serve_metrics.Counter(spec.name, **kwargs)
+            elif spec.kind is m.MetricKind.GAUGE:
+                inst = serve_metrics.Gauge(spec.name, **kwargs)
+            else:
+                inst = serve_metrics.Histogram(spec.name, boundaries=list(spec.boundaries), **kwargs)
+            _instruments[spec.name] = inst
+    return inst
+
+
+def _inc(spec: m.MetricSpec, value: float, tags: Optional[dict[str, str]] = None) -> None:
+    # NOTE: Ray's Counter.inc refuses values <= 0.
+    if value > 0 and (inst := _instrument(spec)) is not None:
+        inst.inc(value, tags=tags)
+
+
+def _set(spec: m.MetricSpec, value: float, tags: Optional[dict[str, str]] = None) -> None:
+    if (inst := _instrument(spec)) is not None:
+        inst.set(value, tags=tags)
+
+
+def _observe(spec: m.MetricSpec, value: Optional[float], tags: Optional[dict[str, str]] = None) -> None:
+    if value is not None and value >= 0 and (inst := _instrument(spec)) is not None:
+        inst.observe(value, tags=tags)
+
+
+class EngineTelemetry:
+    """Engine metrics of one LLM replica, labelled with the served model's name.
+
+    With `price_per_hour` > 0 (the hourly price of the replica's hardware, all ranks together) it also
+    exports that price and the cost per million tokens at the throughput of the last
+    `cost_window_s` seconds, updated at every finished request (it keeps its last value when idle).
+    """
+
+    def __init__(self, model_id: str, price_per_hour: float = 0.0, cost_window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        assert price_per_hour >= 0 and cost_window_s > 0
+        self.model_id = model_id
+        self.price_per_hour = price_per_hour
+        self.cost_window_s = cost_window_s
+        self._tags = {"model": model_id}
+        self._clock = clock
+        self._started = clock()
+        self._recent: deque[tuple[float, int, int]] = deque()  # (finished time, prompt tokens, output tokens)
+        if price_per_hour > 0:
+            _set(m.PRICE_PER_HOUR, price_per_hour, self._tags)
+
+    def record_step(self, stats: StepStats) -> None:
+        """One engine step: queue and KV gauges, batch histograms, preemption and speculation counts."""
+        t = self._tags
+        _set(m.NUM_RUNNING, stats.num_running, t)
+        _set(m.NUM_WAITING, stats.num_waiting, t)
+        _set(m.KV_BLOCKS_USED, stats.num_kv_blocks_used, t)
+        _set(m.KV_BLOCKS_FREE, stats.num_kv_blocks_free, t)
+        _inc(m.PREEMPTIONS, stats.num_preempted, t)
+        _inc(m.SPEC_PROPOSED, stats.num_spec_proposed, t)
+        _inc(m.SPEC_ACCEPTED, stats.num_spec_accepted, t)
+        if stats.num_seqs > 0:  # an idle step says nothing about batching
+            _observe(m.BATCH_SIZE, stats.num_seqs, t)
+            _observe(m.BATCH_TOKENS, stats.num_prefill_tokens + stats.num_decode_tokens, t)
+            _observe(m.STEP_TIME, stats.step_time_s, t)
+            _observe(m.FORWARD_TIME, stats.forward_time_s, t)
+            _observe(m.MODEL_TIME, stats.model_time_s, t)
+
+    def record_request(self, stats: RequestStats) -> None:
+        """One finished (or aborted) request: latencies, token counts, finish reason, cost."""
+        t = self._tags
+        _observe(m.QUEUE_TIME, stats.queue_time_s, t)
+        _observe(m.TTFT, stats.ttft_s, t)
+        _observe(m.E2E, stats.e2e_s, t)
+        for itl in stats.inter_token_latencies_s:
+            _observe(m.ITL, itl, t)
+        _inc(m.PROMPT_TOKENS, stats.num_prompt_tokens, t)
+        _inc(m.GENERATION_TOKENS, stats.num_output_tokens, t)
+        _inc(m.REQUESTS_FINISHED, 1, {**t, "finish_reason": stats.finish_reason or "unknown"})
+        if self.price_per_hour > 0:
+            self._update_cost(stats.num_prompt_tokens, stats.num_output_tokens)
+
+    def record_restart(self) -> None:
+        """The replica rebuilt its worker group after a failure."""
+        _inc(m.WORKER_GROUP_RESTARTS, 1, self._tags)
+
+    def cost_per_million_tokens(self) -> tuple[Optional[float], Optional[float]]:
+        """(cost per million output tokens, per million prompt plus output tokens) over the window."""
+        now = self._clock()
+        while self._recent and self._recent[0][0] < now - self.cost_window_s:
+            self._recent.popleft()
+        elapsed = min(self.cost_window_s, now - self._started)
+        output = sum(o for _, _, o in self._recent)
+        total = output + sum(p for _, p, _ in self._recent)
+        spent = self.price_per_hour * elapsed / 3600.0  # price of the hardware over the window
+        return (spent / output * 1e6 if output else None), (spent / total * 1e6 if total else None)
+
+    def _update_cost(self, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        self._recent.append((self._clock(), num_prompt_tokens, num_output_tokens))
+        per_output, per_token = self.cost_per_million_tokens()
+        for kind, value in (("generation", per_output), ("all", per_token)):
+            if value is not None:
+                _set(m.COST_PER_MILLION_TOKENS, value, {**self._tags, "tokens": kind})
+        _set(m.PRICE_PER_HOUR, self.price_per_hour, self._tags)
+
+
+class RouterTelemetry:
+    """HTTP edge metrics of one router replica."""
+
+    def record_http(self, endpoint: str, status_code: int) -> None:
+        """One response. `endpoint` is the route template (`/v1/completions`), never the raw URL,
+        so that the label's values stay few."""
+        _inc(m.HTTP_REQUESTS, 1, {"endpoint": endpoint, "status_code": str(int(status_code))})
+
+    def record_error(self, error: Union[str, BaseException]) -> None:
+        """One error: its OpenAI error type (`ServingError.error_type`), else the exception's class name."""
+        if isinstance(error, BaseException):
+            error = getattr(error, "error_type", None) or type(error).__name__
+        _inc(m.ERRORS, 1, {"error_type": str(error)})
+
+
+# Keys of the cache's stats() after normalising (lower case, without `cache_`/`num_` and `_total`):
+# cumulative counts -> (counter, labels); current values -> gauge.
+_CACHE_COUNTERS = {"lookups": (m.CACHE_LOOKUPS, None), "hits": (m.CACHE_HITS, None),
+                   "misses": (m.CACHE_MISSES, None), "inserts": (m.CACHE_INSERTS, None),
+                   "evictions": (m.CACHE_EVICTIONS, {"reason": "capacity"}),
+                   "expirations": (m.CACHE_EVICTIONS, {"reason": "ttl"})}
+_CACHE_GAUGES = {"entries": m.CACHE_ENTRIES, "bytes": m.CACHE_BYTES}
+
+
+def _cache_key(key: str) -> str:
+    key = key.lower()
+    for prefix in ("cache_", "num_"):
+        key = key.removeprefix(prefix)
+    return key.removesuffix("_total")
+
+
+class CacheTelemetry:
+    """Semantic cache metrics of one cache replica.
+
+    `record_stats` runs at most once per `min_interval_s` (later calls return at once), so it can
+    sit on the lookup path with the stats function passed uncalled: `record_stats(core.stats)`.
+    """
+
+    def __init__(self, min_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.min_interval_s = min_interval_s
+        self._clock = clock
+        self._last_time: Optional[float] = None
+        self._last: dict[str, float] = {}
+
+    def record_stats(self, stats: Union[Mapping[str, Any], Callable[[], Mapping[str, Any]]]) -> None:
+        """Export a stats() snapshot (or call `stats` for one): cumulative `lookups`, `hits`,
+        `misses`, `inserts`, `evictions` and `expirations` become counter increments since the
+        previous snapshot (a count that went down is taken as a restart from zero); current
+        `entries` and `bytes` set gauges. Keys may carry a `cache_` or `num_` prefix and a `_total`
+        suffix (`cache_hits_total`); other keys are ignored."""
+        now = self._clock()
+        if self._last_time is not None and now - self._last_time < self.min_interval_s:
+            return
+        self._last_time = now
+        if callable(stats):
+            stats = stats()
+        for raw_key, value in stats.items():
+            key = _cache_key(raw_key)
+            if key in _CACHE_COUNTERS:
+                spec, labels = _CACHE_COUNTERS[key]
+                value = float(value)
+                last = self._last.get(key, 0.0)
+                _inc(spec, value - last if value >= last else value, labels)
+                self._last[key] = value
+            elif key in _CACHE_GAUGES:
+                _set(_CACHE_GAUGES[key], float(value))
+
+    def observe_lookup(self, latency_s: float) -> None:
+        """The duration of one lookup, embedding and second check included."""
+        _observe(m.CACHE_LOOKUP_LATENCY, latency_s)
