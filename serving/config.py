@@ -83,9 +83,17 @@ class CacheConfig(_Frozen):
 
 
 class SpeculativeConfig(_Frozen):
+    """Reserved for speculative decoding, which is not built yet: setting a method is refused."""
+
     method: Optional[Literal["draft", "ngram"]] = None
     draft_model: Optional[str] = None
     num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _not_yet(self):
+        if self.method is not None:
+            raise ValueError("speculative decoding is not implemented yet; leave speculative.method unset")
+        return self
 
 
 class AutoscalingConfig(_Frozen):

@@ -56,7 +56,7 @@ def test_cancelled_handle_call_frees_blocks(llm_app):
 
 @pytest.fixture(scope="module")
 def small_app(serve_port, tiny_model):
-    """A second app whose LLM server admits only 2 waiting requests."""
+    """A second app: two models (one admits only 2 waiting requests), the cache switched off."""
     from deployments import build_app
     from serving.config import AppConfig, CacheConfig, LLMConfig, ModelConfig, SchedulerConfig, ServeOptions
 
@@ -64,7 +64,8 @@ def small_app(serve_port, tiny_model):
         model=ModelConfig(path=tiny_model, name="small"),
         scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_waiting_requests=2),
         serve=ServeOptions(num_replicas=1),
-    ),), cache=CacheConfig(enabled=False))
+    ), LLMConfig(model=ModelConfig(path=tiny_model, name="other"), serve=ServeOptions(num_replicas=1))),
+        cache=CacheConfig(enabled=False))
     serve.run(build_app(config), name="small", route_prefix="/small")
     yield f"http://127.0.0.1:{serve_port}/small"
     serve.delete("small")
@@ -90,3 +91,15 @@ def test_overload_gets_429_with_retry_after_and_nothing_is_lost(small_app):
     ok = httpx.post(small_app + "/v1/completions", timeout=60,
                     json={"model": "small", "prompt": "Hello", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200
+
+
+def test_two_models_each_its_own_deployment_and_cache_off(small_app):
+    models = httpx.get(small_app + "/v1/models", timeout=30).json()
+    assert sorted(m["id"] for m in models["data"]) == ["other", "small"]
+    for model in ("small", "other"):
+        body = {"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        first = httpx.post(small_app + "/v1/completions", json=body, timeout=60).json()
+        again = httpx.post(small_app + "/v1/completions", json=body, timeout=60).json()
+        assert first["model"] == model and first["usage"]["completion_tokens"] == 3
+        assert again["cached"] is False  # the cache is off in this app's config
+    assert llm_stats("small", "other")["num_requests"] == 2
