@@ -35,7 +35,8 @@ class LLMServer:
         self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
         engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
-        self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step)
+        self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
+                                  stream_interval_s=config.scheduler.stream_interval_s)
         self.num_requests = 0
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
                     config.parallel.tensor_parallel_size, num_blocks)

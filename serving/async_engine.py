@@ -24,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int,
-                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None):
+                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None, stream_interval_s: float = 0.0):
         self.engine = engine
+        # Minimum time between two items of one stream (the first goes out at once): every stream
+        # item costs a Ray object per hop, so tokens are sent in small groups (Ray Serve LLM: 50 ms).
+        self.stream_interval_s = stream_interval_s
         self.max_waiting_requests = max_waiting_requests
         self.on_step = on_step
         self._streams: dict[str, asyncio.Queue] = {}
@@ -72,6 +75,8 @@ class AsyncEngine:
                 yield item
                 if finished:
                     return
+                if self.stream_interval_s > 0:
+                    await asyncio.sleep(self.stream_interval_s)
         finally:
             self._streams.pop(request_id, None)
             if not finished:

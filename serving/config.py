@@ -50,6 +50,9 @@ class SchedulerConfig(_Frozen):
     kv_cache_memory_bytes: int = Field(default=256 * 2**20, ge=2**20)
     # Requests waiting beyond this are refused with 429 (never queued without bound).
     max_waiting_requests: int = Field(default=2048, ge=1)
+    # Minimum seconds between two stream items of one request (tokens go out in small groups;
+    # each item costs a Ray object per hop). 0 = one item per token.
+    stream_interval_s: float = Field(default=0.05, ge=0.0, le=1.0)
     # Default max_tokens when a request gives none (bounded by the context window).
     default_max_tokens: int = Field(default=256, ge=1)
 
@@ -171,7 +174,11 @@ class AppConfig(_Frozen):
             elif section == "router":
                 router[field] = value
             else:
-                tree[section][field] = value
+                head, _, sub = field.partition(".")  # "autoscaling.min_replicas" -> a nested field
+                if sub:
+                    tree[section].setdefault(head, {})[sub] = value
+                else:
+                    tree[section][field] = value
         llm = LLMConfig.model_validate({k: v for k, v in tree.items() if v})
         return cls(models=(llm,), cache=CacheConfig.model_validate(cache), router=RouterConfig.model_validate(router))
 
@@ -195,6 +202,11 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "num_speculative_tokens": ("speculative", "num_speculative_tokens"),
     "num_replicas": ("serve", "num_replicas"),
     "price_per_hour": ("serve", "price_per_hour"),
+    "min_replicas": ("serve", "autoscaling.min_replicas"),
+    "max_replicas": ("serve", "autoscaling.max_replicas"),
+    "target_ongoing_requests": ("serve", "autoscaling.target_ongoing_requests"),
+    "replace_with_kernel_inject": ("parallel", "replace_with_kernel_inject"),
+    "stream_interval_s": ("scheduler", "stream_interval_s"),
     "cache": ("cache", "enabled"),
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),
