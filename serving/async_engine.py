@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional
 
 from serving.engine import LLMEngine
-from serving.errors import OverloadedError, ServingError, UnavailableError
+from serving.errors import InvalidRequestError, OverloadedError, ServingError, UnavailableError
 from serving.protocol import GenerationOutput
 from serving.sampling import SamplingParams
 from serving.stats import StepStats
@@ -51,6 +51,8 @@ class AsyncEngine:
             raise UnavailableError(f"engine failed: {self.error}")
         if self.num_pending >= self.max_waiting_requests:
             raise OverloadedError(f"{self.num_pending} requests are already waiting", retry_after=2.0)
+        if request_id in self._streams:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}: one is already in flight")
         self.engine.check_request(prompt_token_ids, params)  # 4xx now, not from inside the loop
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
@@ -78,7 +80,8 @@ class AsyncEngine:
                 if self.stream_interval_s > 0:
                     await asyncio.sleep(self.stream_interval_s)
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is queue:
+                del self._streams[request_id]
             if not finished:
                 self._to_abort.add(request_id)
                 if self._wakeup is not None:

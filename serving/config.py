@@ -215,18 +215,8 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
 
 
 def _parse_scalar(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
+    """`serve run` gives strings; pydantic's lax mode turns "8", "1.5", "true" into typed fields'
+    values, so only the null words need translating (a model named "123" stays a string)."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
         return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
     return value

@@ -31,6 +31,10 @@ class LocalExecutor:
 
 
 def build_local_engine(config: LLMConfig) -> LLMEngine:
+    if config.parallel.num_threads_per_worker:
+        import torch
+
+        torch.set_num_threads(config.parallel.num_threads_per_worker)
     info = load_model_info(config.model)
     blocks = num_kv_blocks_for(config, info)
     executor = LocalExecutor(info.path, config.model.dtype, blocks, config.scheduler.block_size)

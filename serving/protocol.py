@@ -34,23 +34,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-# Parameters OpenAI defines that we accept only at their neutral value; anything else is a 400.
-_NEUTRAL = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "logprobs": None,
-    "top_logprobs": None,
-    "logit_bias": None,
-    "suffix": None,
-    "tools": None,
-    "tool_choice": None,
-    "response_format": None,
-    "parallel_tool_calls": None,
-    "functions": None,
-    "function_call": None,
+# Parameters OpenAI defines that we accept only at a neutral value (None always is); anything else is a 400.
+_NEUTRAL: dict[str, tuple] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "frequency_penalty": (0.0,),
+    "presence_penalty": (0.0,),
+    "logprobs": (False,),  # chat: a bool (default false); completions: an int
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "parallel_tool_calls": (True, False),  # meaningless without tools
+    "functions": ([],),
+    "function_call": ("none",),
 }
 
 
@@ -108,11 +108,11 @@ class _SamplingFields(_Strict):
     def _neutral_only(self):
         for name, neutral in _NEUTRAL.items():
             value = getattr(self, name)
-            if value is None or value == neutral or (name == "best_of" and value == 1):
+            if value is None or any(value == v and type(value) is type(v) or
+                                    (isinstance(v, float) and isinstance(value, (int, float)) and value == v)
+                                    for v in neutral):
                 continue
-            if isinstance(neutral, float) and value == neutral:
-                continue
-            raise ValueError(f"parameter '{name}'={value!r} is not supported (only {neutral!r})")
+            raise ValueError(f"parameter '{name}'={value!r} is not supported (only {' or '.join(map(repr, neutral))})")
         return self
 
     @property

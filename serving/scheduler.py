@@ -62,6 +62,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1:  # a prefill chunk shrinks to the free slots before anyone is preempted
+                n = max(1, min(n, self._fit(seq)))
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + n) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 batch.num_preempted += 1
@@ -77,9 +79,7 @@ class Scheduler:
             return batch  # NOTE: admit nothing new while memory is short
         while self.waiting and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            # the chunk is also bounded by the slots the free blocks give
-            fit = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size - seq.num_computed_tokens
-            n = min(seq.num_uncomputed_tokens, budget, fit)
+            n = min(seq.num_uncomputed_tokens, budget, self._fit(seq))
             if n <= 0:
                 break
             self.waiting.popleft()
@@ -89,6 +89,10 @@ class Scheduler:
             batch.entries.append((seq, n))
             budget -= n
         return batch
+
+    def _fit(self, seq: Sequence) -> int:
+        """How many more tokens `seq` can compute with its blocks plus all free blocks."""
+        return (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size - seq.num_computed_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

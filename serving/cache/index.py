@@ -20,6 +20,7 @@ class VectorIndex(Protocol):
     """Ids are the store's entry ids (non-negative ints)."""
 
     def add(self, entry_id: int, vector: np.ndarray) -> None: ...
+    def add_many(self, ids: list[int], vectors: np.ndarray) -> None: ...
     def remove(self, entry_id: int) -> None: ...
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]: ...
     def get(self, entry_id: int) -> np.ndarray: ...
@@ -55,6 +56,10 @@ class FlatIndex:
         self._vectors[n] = vector
         self._ids.append(entry_id)
         self._row[entry_id] = n
+
+    def add_many(self, ids: list[int], vectors: np.ndarray) -> None:
+        for entry_id, vector in zip(ids, vectors):
+            self.add(entry_id, vector)
 
     def remove(self, entry_id: int) -> None:
         row = self._row.pop(entry_id)
@@ -92,8 +97,8 @@ class FlatIndex:
 class HNSWIndex:
     """usearch HNSW over float32 vectors with the inner-product metric."""
 
-    # NOTE: measured in bench/cache_bench.py: M=16, ef_search=64 keeps recall@1 ~0.99 at 100k entries.
-    def __init__(self, dim: int, connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 64):
+    # NOTE: bench/cache_bench.py measures these settings (recall@1 and p50 at 100k entries).
+    def __init__(self, dim: int, connectivity: int = 16, expansion_add: int = 64, expansion_search: int = 64):
         from usearch.index import Index
 
         self.dim = dim
@@ -112,8 +117,16 @@ class HNSWIndex:
         return 64 * 1024 + per_node * self._count
 
     def add(self, entry_id: int, vector: np.ndarray) -> None:
-        self._index.add(entry_id, vector)
+        self._index.add(entry_id, vector, threads=1)
         self._count += 1
+
+    def add_many(self, ids: list[int], vectors: np.ndarray) -> None:
+        """One call for many vectors: usearch builds the graph with all cores."""
+        if len(ids) == 1:
+            self.add(ids[0], vectors[0])
+        else:
+            self._index.add(np.asarray(ids, dtype=np.uint64), vectors)
+            self._count += len(ids)
 
     def remove(self, entry_id: int) -> None:
         self._count -= self._index.remove(entry_id)
@@ -124,7 +137,7 @@ class HNSWIndex:
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         if self._count == 0:
             return []
-        matches = self._index.search(vector, min(k, self._count))
+        matches = self._index.search(vector, min(k, self._count), threads=1)
         # usearch "ip" distance is 1 - inner product.
         return [(int(key), 1.0 - float(dist)) for key, dist in zip(matches.keys, matches.distances)]
 

@@ -13,7 +13,7 @@ import glob
 import json
 import os
 import re
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def save(entries: list[Entry], vectors: np.ndarray, file: str, model_id: str, di
     """Write `entries` (oldest first) with their `vectors` to `file` atomically; returns how many."""
     meta = {"version": FORMAT_VERSION, "model_id": model_id, "dim": dim, "entries": [
         {"key": e.key.fields(), "query": e.query, "norm": e.norm, "answer": e.answer.model_dump(),
-         "created_at": e.created_at, "num_hits": e.num_hits} for e in entries]}
+         "created_at": e.created_at} for e in entries]}
     blob = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
     tmp = f"{file}.tmp{os.getpid()}"
@@ -74,24 +74,12 @@ def load(store: CacheStore, path: str, partition: int, num_partitions: int, mode
         except (OSError, ValueError, KeyError) as exc:  # a corrupt file must not stop the replica
             print(f"cache snapshot {file} ignored: {exc}")
     rows.sort(key=lambda r: r[0]["created_at"])
-    num_loaded = 0
+    keep = []
     for row, vector in rows:
         key = CacheKey.from_fields(row["key"])
         if not same_layout and partition_of(key, num_partitions) != partition:
             continue
         if store.ttl_s is not None and store.clock() - row["created_at"] > store.ttl_s:
             continue
-        entry = store.insert(key, row["query"], row["norm"], vector, CachedAnswer(**row["answer"]),
-                             created_at=row["created_at"])
-        if entry is not None:
-            entry.num_hits = row.get("num_hits", 0)
-            num_loaded += 1
-    return num_loaded
-
-
-def latest_mtime(path: Optional[str]) -> Optional[float]:
-    """When any snapshot of `path` was last written (None: never)."""
-    if not path:
-        return None
-    times = [os.path.getmtime(f) for f in glob.glob(glob.escape(path) + ".*-of-*.npz")]
-    return max(times) if times else None
+        keep.append((key, row["query"], row["norm"], vector, CachedAnswer(**row["answer"]), row["created_at"]))
+    return store.insert_many(keep)

@@ -10,7 +10,7 @@ import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -141,6 +141,32 @@ class CacheStore:
         """Store an answer (replacing one with the same key and normalised text). Returns the entry,
         or None if it alone is larger than the whole capacity."""
         self.expire()
+        entry = self._register(key, query, norm, answer, created_at)
+        if entry is not None:
+            self._index_add(self._partitions[key.digest], [entry.entry_id], np.asarray(vector, np.float32)[None])
+            self._evict(keep=entry.entry_id)
+        return entry
+
+    def insert_many(self, rows: Iterable[tuple]) -> int:
+        """Bulk `insert` of (key, query, norm, vector, answer, created_at) rows, oldest first (a
+        snapshot reload): each partition's vectors go into its index in one call. Returns how many
+        rows were stored (before eviction)."""
+        self.expire()
+        rows = list({(r[0].digest, r[2]): r for r in rows}.values())  # the last of exact repeats wins
+        pending: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for key, query, norm, vector, answer, created_at in rows:
+            entry = self._register(key, query, norm, answer, created_at)
+            if entry is not None:
+                pending.setdefault(key.digest, []).append((entry.entry_id, vector))
+        for digest, items in pending.items():
+            ids = [i for i, _ in items]
+            self._index_add(self._partitions[digest], ids, np.stack([v for _, v in items]).astype(np.float32))
+        self._evict(keep=-1)
+        return sum(len(v) for v in pending.values())
+
+    def _register(self, key: CacheKey, query: str, norm: str, answer: CachedAnswer,
+                  created_at: Optional[float]) -> Optional[Entry]:
+        """Create the entry and its partition (everything but the index)."""
         part = self._partitions.get(key.digest)
         # NOTE: entries share their partition's key object (one copy per partition, not per entry).
         entry = Entry(next(self._ids), part.key if part else key, query, norm, answer,
@@ -159,21 +185,23 @@ class CacheStore:
         self._policy.add(entry.entry_id)
         part.exact[norm] = entry.entry_id
         self._entry_bytes += entry.num_bytes
-        self._index_add(part, entry.entry_id, np.asarray(vector, dtype=np.float32))
-        while self.num_bytes > self.capacity_bytes and len(self._entries) > 1:
-            self._remove(self._policy.victim(exclude=entry.entry_id))
-            self.num_evictions += 1
         return entry
 
-    def _index_add(self, part: Partition, entry_id: int, vector: np.ndarray) -> None:
+    def _index_add(self, part: Partition, ids: list[int], vectors: np.ndarray) -> None:
         before = part.index.num_bytes
-        if isinstance(part.index, FlatIndex) and len(part.index) + 1 >= self.hnsw_min_size:
+        if isinstance(part.index, FlatIndex) and len(part.index) + len(ids) >= self.hnsw_min_size:
             promoted = create_index(self.dim, "hnsw")
-            for old_id, old_vector in part.index.items():
-                promoted.add(old_id, old_vector)
+            old = list(part.index.items())
+            if old:
+                promoted.add_many([i for i, _ in old], np.stack([v for _, v in old]))
             part.index = promoted
-        part.index.add(entry_id, vector)
+        part.index.add_many(ids, vectors)
         self._index_bytes += part.index.num_bytes - before
+
+    def _evict(self, keep: int) -> None:
+        while self.num_bytes > self.capacity_bytes and len(self._entries) > 1:
+            self._remove(self._policy.victim(exclude=keep))
+            self.num_evictions += 1
 
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
@@ -186,7 +214,7 @@ class CacheStore:
         before = part.index.num_bytes
         part.index.remove(entry_id)
         self._index_bytes += part.index.num_bytes - before
-        if len(part.index) == 0:
+        if len(part.index) == 0 and not part.exact:
             self._index_bytes -= part.index.num_bytes
             del self._partitions[entry.key.digest]
 

@@ -1,0 +1,231 @@
+"""AsyncEngine over a local engine on the tiny model: concurrent streams, cancellation, overload,
+and a failing worker group. pytest-asyncio is not used: each test runs its own event loop."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from serving.async_engine import AsyncEngine
+from serving.config import LLMConfig, ModelConfig, SchedulerConfig
+from serving.engine import LLMEngine
+from serving.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnavailableError
+from serving.executor import LocalExecutor, build_local_engine
+from serving.model_loader import load_model_info, load_tokenizer
+from serving.sampling import SamplingParams
+
+NUM_BLOCKS = 300
+
+
+def config(model_path: str, max_num_seqs: int = 4) -> LLMConfig:
+    return LLMConfig(model=ModelConfig(path=model_path),
+                     scheduler=SchedulerConfig(block_size=4, num_kv_blocks=NUM_BLOCKS, max_num_seqs=max_num_seqs,
+                                               max_num_batched_tokens=32))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # NOTE: on a shared 2-core machine two intra-op threads per tiny matmul are ~10x slower than one.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return build_local_engine(config(tiny_model))
+
+
+@pytest.fixture(autouse=True)
+def idle_after(engine):
+    yield
+    for request_id in list(engine._seqs):  # a failed test must not fail the next ones
+        engine.abort(request_id)
+
+
+def is_idle(engine) -> bool:
+    return not engine.has_unfinished() and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def collect(agen) -> list:
+    return [out async for out in agen]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+PROMPTS = [[7 + (11 * i + j) % 400 for j in range(3 + 5 * i)] for i in range(8)]
+
+
+def test_concurrent_streams_finish_with_the_right_tokens(engine):
+    max_tokens = [3 + i for i in range(8)]
+    # the same requests through the synchronous engine, for the expected greedy tokens
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"sync{i}", prompt, greedy(max_tokens[i]))
+    expected = {f"sync{i}": [] for i in range(8)}
+    while engine.has_unfinished():
+        for out in engine.step()[0]:
+            expected[out.request_id] += out.token_ids
+    steps = []
+
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64, on_step=lambda stats, eng: steps.append(stats))
+        try:
+            return await asyncio.gather(*(collect(ae.generate(f"a{i}", p, greedy(max_tokens[i])))
+                                          for i, p in enumerate(PROMPTS)))
+        finally:
+            ae.shutdown()
+
+    streams = asyncio.run(main())
+    for i, outs in enumerate(streams):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        last = outs[-1]
+        assert last.finish_reason == "length" and last.num_output_tokens == max_tokens[i]
+        assert last.num_prompt_tokens == len(PROMPTS[i])
+        assert [t for o in outs for t in o.token_ids] == expected[f"sync{i}"]
+        assert {o.request_id for o in outs} == {f"a{i}"}
+    assert steps and max(s.num_seqs for s in steps) <= 4
+    assert is_idle(engine)
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+def test_a_consumer_that_goes_away_aborts_its_request(engine, how):
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        try:
+            agen = ae.generate(f"gone-{how}", PROMPTS[5], greedy(900))
+            if how == "aclose":
+                first = await agen.__anext__()
+                assert not first.finished
+                assert engine.blocks.num_used_blocks > 0
+                await agen.aclose()
+            else:
+                got_one = asyncio.Event()
+
+                async def consume():
+                    async for _ in agen:
+                        got_one.set()
+
+                task = asyncio.create_task(consume())
+                await got_one.wait()
+                assert engine.blocks.num_used_blocks > 0
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            await wait_for(lambda: is_idle(engine))
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+    stats = engine.finished_stats[-1]
+    assert stats.request_id == f"gone-{how}" and stats.finish_reason == "abort"
+    assert stats.num_output_tokens < 900
+
+
+def test_too_many_waiting_requests_are_refused(tiny_model):
+    engine = build_local_engine(config(tiny_model, max_num_seqs=1))
+
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=2)
+        try:
+            running = ae.generate("long", [7, 8, 9, 10], greedy(1000))
+            await running.__anext__()  # the only sequence slot is taken for ~1000 steps
+            waiting = [asyncio.create_task(collect(ae.generate(f"w{i}", [7, 8], greedy(2)))) for i in range(2)]
+            await wait_for(lambda: engine.num_waiting == 2)
+            with pytest.raises(OverloadedError) as info:
+                await ae.generate("one-too-many", [7, 8], greedy(2)).__anext__()
+            assert info.value.status_code == 429 and info.value.retry_after > 0
+            await running.aclose()  # room again: the waiting ones run to the end
+            outs = await asyncio.gather(*waiting)
+            assert all(o[-1].finished and o[-1].num_output_tokens == 2 for o in outs)
+            await wait_for(lambda: is_idle(engine))
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+
+
+def test_request_errors_come_before_the_stream(engine):
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        try:
+            with pytest.raises(ContextLengthError):
+                await ae.generate("too-long", [7] * 1000, greedy(100)).__anext__()
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())
+    assert is_idle(engine)
+
+
+def test_a_duplicate_request_id_leaves_the_first_request_alone(engine):
+    num_finished = len(engine.finished_stats)
+
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        first = ae.generate("same", PROMPTS[1], greedy(10))
+        try:
+            await first.__anext__()
+            with pytest.raises(InvalidRequestError, match="duplicate"):
+                await collect(ae.generate("same", PROMPTS[2], greedy(3)))
+            await wait_for(lambda: len(engine.finished_stats) > num_finished)
+            assert engine.finished_stats[num_finished].finish_reason == "length"
+            rest = await asyncio.wait_for(collect(first), 10)
+            assert rest[-1].num_output_tokens == 10
+        finally:
+            await first.aclose()
+            ae.shutdown()
+
+    asyncio.run(main())
+
+
+class DeadRankExecutor(LocalExecutor):
+    """Stand-in for a worker group that loses a rank: steps work, then every step raises."""
+
+    def __init__(self, *args, good_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps_left = good_steps
+
+    def execute(self, inp):
+        if self.steps_left == 0:
+            raise RuntimeError("rank 1 died")
+        self.steps_left -= 1
+        return super().execute(inp)
+
+
+def test_a_failing_executor_fails_requests_in_flight(tiny_model):
+    cfg = config(tiny_model)
+    info = load_model_info(cfg.model)
+    executor = DeadRankExecutor(info.path, "float32", NUM_BLOCKS, 4, good_steps=3)
+    engine = LLMEngine(cfg, info, load_tokenizer(info.path), executor, NUM_BLOCKS)
+
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        try:
+            async def consume(i):
+                outs = []
+                with pytest.raises(UnavailableError, match="rank 1 died"):
+                    async for out in ae.generate(f"f{i}", PROMPTS[i], greedy(50)):
+                        outs.append(out)
+                return outs
+
+            outs = await asyncio.gather(*(consume(i) for i in range(3)))
+            assert sum(len(o) for o in outs) > 0, "some tokens before the failure"
+            assert not any(o.finished for stream in outs for o in stream)
+            assert isinstance(ae.error, RuntimeError)
+            with pytest.raises(UnavailableError):  # new requests are refused while unhealthy
+                await ae.generate("after", PROMPTS[0], greedy(5)).__anext__()
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())

@@ -1,0 +1,89 @@
+"""The configuration tree: `serve run` arguments parsed into typed, frozen, validated config."""
+
+import pytest
+from pydantic import ValidationError
+
+from serving.config import AppConfig, LLMConfig, SchedulerConfig
+
+
+def test_flat_args_are_parsed_to_their_types():
+    config = AppConfig.from_flat_args({
+        "model": "/models/tiny", "model_name": "tiny", "max_num_seqs": "8", "max_num_batched_tokens": "64",
+        "block_size": "4", "num_cpus_per_worker": "1.5", "tensor_parallel_size": "2", "cache": "false",
+        "cache_threshold": "0.85", "num_kv_blocks": "none", "router_replicas": "3",
+    })
+    llm = config.models[0]
+    assert llm.model.path == "/models/tiny" and llm.model.name == "tiny"
+    sched = llm.scheduler
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens, sched.block_size) == (8, 64, 4)
+    assert type(sched.max_num_seqs) is int
+    assert llm.parallel.num_cpus_per_worker == 1.5 and llm.parallel.tensor_parallel_size == 2
+    assert config.cache.enabled is False and config.cache.similarity_threshold == 0.85
+    assert sched.num_kv_blocks is None
+    assert config.router.num_replicas == 3
+    # what was not given keeps its default
+    assert llm.scheduler.default_max_tokens == SchedulerConfig().default_max_tokens
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("on", True), ("false", False),
+                                         ("NO", False), ("off", False)])
+def test_booleans(text, value):
+    assert AppConfig.from_flat_args({"cache": text}).cache.enabled is value
+
+
+def test_non_string_values_pass_through():
+    config = AppConfig.from_flat_args({"max_num_seqs": 4, "cache": False, "cache_threshold": 0.5})
+    assert config.models[0].scheduler.max_num_seqs == 4 and config.cache.enabled is False
+
+
+def test_no_args_gives_the_defaults():
+    assert AppConfig.from_flat_args({}) == AppConfig()
+    assert AppConfig.from_flat_args(None) == AppConfig()
+
+
+def test_unknown_flat_key_is_rejected_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown argument 'max_seqs'.*max_num_seqs"):
+        AppConfig.from_flat_args({"max_seqs": "8"})
+
+
+@pytest.mark.parametrize("args", [
+    {"max_num_seqs": "0"},  # ge=1
+    {"max_num_seqs": "many"},  # not a number
+    {"dtype": "float8"},  # not a known dtype
+    {"max_num_seqs": "64", "max_num_batched_tokens": "32"},  # tokens per step < sequences per step
+    {"cache_threshold": "1.5"},
+])
+def test_invalid_values_are_rejected(args):
+    with pytest.raises(ValueError):
+        AppConfig.from_flat_args(args)
+
+
+def test_nested_config_is_the_whole_tree():
+    config = AppConfig.from_flat_args({"config": {
+        "name": "app",
+        "models": [{"model": {"path": "/a", "name": "a"}, "scheduler": {"max_num_seqs": "4", "block_size": 8}},
+                   {"model": {"path": "/b", "name": "b"}}],
+        "cache": {"enabled": False},
+    }})
+    assert config.name == "app" and [m.model.name for m in config.models] == ["a", "b"]
+    assert config.models[0].scheduler.max_num_seqs == 4 and config.models[0].scheduler.block_size == 8
+    assert config.cache.enabled is False
+
+
+def test_nested_config_rejects_unknown_keys_and_mixing():
+    with pytest.raises(ValueError):
+        AppConfig.from_flat_args({"config": {"models": [{"model": {"path": "/a", "colour": "red"}}]}})
+    with pytest.raises(ValueError, match="either 'config' or flat"):
+        AppConfig.from_flat_args({"config": {}, "max_num_seqs": "4"})
+    with pytest.raises(ValueError, match="at least one model"):
+        AppConfig.from_flat_args({"config": {"models": []}})
+
+
+def test_config_is_frozen():
+    config = LLMConfig()
+    with pytest.raises(ValidationError):
+        config.scheduler.max_num_seqs = 3
+
+
+def test_numeric_looking_model_name_stays_a_string():
+    assert AppConfig.from_flat_args({"model_name": "123"}).models[0].model.name == "123"

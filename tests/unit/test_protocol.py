@@ -1,0 +1,109 @@
+"""The OpenAI request models: unknown or unsupported parameters are errors, neutral values pass."""
+
+import pytest
+from pydantic import ValidationError
+
+from serving.protocol import ChatCompletionRequest, CompletionRequest
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def completion(**kw) -> CompletionRequest:
+    return CompletionRequest(model="m", prompt="hello", **kw)
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    kw.setdefault("messages", MESSAGES)
+    return ChatCompletionRequest(model="m", **kw)
+
+
+def test_defaults():
+    req = completion()
+    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.stop_list) == (None, 1.0, 1.0, -1, [])
+    assert req.include_usage is False
+
+
+@pytest.mark.parametrize("make", [completion, chat])
+def test_unknown_fields_are_rejected(make):
+    with pytest.raises(ValidationError, match="temprature"):
+        make(temprature=0.5)
+
+
+@pytest.mark.parametrize("kw", [
+    {"n": 2}, {"best_of": 3}, {"echo": True}, {"frequency_penalty": 0.5}, {"presence_penalty": -1.0},
+    {"logprobs": 2}, {"top_logprobs": 1}, {"logit_bias": {"5": 1}}, {"tools": [{"type": "function"}]},
+    {"response_format": {"type": "json_object"}},
+])
+def test_unsupported_parameters_are_rejected(kw):
+    name = next(iter(kw))
+    with pytest.raises(ValidationError, match=f"'{name}'.*not supported"):
+        completion(**kw)
+    with pytest.raises(ValidationError, match=f"'{name}'.*not supported"):
+        chat(**kw)
+
+
+@pytest.mark.parametrize("kw", [
+    {"n": 1}, {"best_of": 1}, {"echo": False}, {"frequency_penalty": 0}, {"frequency_penalty": 0.0},
+    {"presence_penalty": 0}, {"logit_bias": None}, {"n": None},
+])
+def test_neutral_values_are_accepted(kw):
+    completion(**kw)
+    chat(**kw)
+
+
+@pytest.mark.parametrize("kw", [
+    {"max_tokens": -1}, {"max_tokens": 0}, {"top_k": 0}, {"top_k": -2}, {"temperature": -0.1},
+    {"temperature": 2.5}, {"top_p": 0.0}, {"top_p": 1.5},
+])
+def test_out_of_range_sampling_values_are_rejected(kw):
+    with pytest.raises(ValidationError):
+        completion(**kw)
+
+
+def test_in_range_sampling_values_are_accepted():
+    req = completion(max_tokens=1, top_k=5, temperature=0.0, top_p=0.1, seed=7)
+    assert (req.max_tokens, req.top_k, req.temperature, req.top_p, req.seed) == (1, 5, 0.0, 0.1, 7)
+    assert completion(top_k=-1, temperature=2.0, top_p=1.0).top_k == -1
+
+
+def test_stop_strings():
+    assert completion(stop="END").stop_list == ["END"]
+    assert completion(stop=["a", "b", "c", "d"]).stop_list == ["a", "b", "c", "d"]
+    for bad in ("", [""], ["ok", ""], ["1", "2", "3", "4", "5"]):
+        with pytest.raises(ValidationError):
+            completion(stop=bad)
+
+
+def test_max_completion_tokens_maps_to_max_tokens():
+    assert chat(max_completion_tokens=7).max_tokens == 7
+    assert chat(max_tokens=5, max_completion_tokens=7).max_tokens == 5  # the explicit one wins
+    with pytest.raises(ValidationError):
+        chat(max_completion_tokens=0)
+
+
+def test_prompt_and_messages_must_not_be_empty():
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt=[])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[])
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+
+
+def test_chat_content_parts():
+    req = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert req.messages[0].text == "ab"
+    with pytest.raises(ValidationError, match="only text content"):
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ValidationError):
+        chat(messages=[{"role": "robot", "content": "hi"}])
+
+
+def test_stream_options_and_cache_control():
+    req = chat(stream=True, stream_options={"include_usage": True}, cache={"skip": True})
+    assert req.include_usage and req.cache.skip and not req.cache.no_store
+    with pytest.raises(ValidationError):
+        chat(cache={"skip_it": True})
+
+
+def test_chat_logprobs_false_is_neutral():
+    assert chat(logprobs=False).logprobs in (False, None)
