@@ -7,7 +7,9 @@ The replica's placement group holds bundle 0 for the replica itself and bundles 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import statistics
 import os
 import uuid
 from typing import AsyncIterator, Union
@@ -38,6 +40,7 @@ class LLMServer:
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
                                   stream_interval_s=config.scheduler.stream_interval_s)
         self.num_requests = 0
+        self.recent_steps: collections.deque = collections.deque(maxlen=256)
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
                     config.parallel.tensor_parallel_size, num_blocks)
 
@@ -105,8 +108,13 @@ class LLMServer:
     async def stats(self) -> dict:
         """Counters of this replica (requests that reached the engine, KV blocks in use)."""
         blocks = self.engine.engine.blocks
-        return {"num_requests": self.num_requests, "num_kv_blocks": blocks.num_blocks,
-                "num_kv_blocks_free": blocks.num_free_blocks, "num_pending": self.engine.num_pending}
+        steps = list(self.recent_steps)
+        out = {"num_requests": self.num_requests, "num_kv_blocks": blocks.num_blocks,
+               "num_kv_blocks_free": blocks.num_free_blocks, "num_pending": self.engine.num_pending}
+        if steps:  # medians over the last (up to) 256 steps, in seconds
+            for name in ("step_time_s", "forward_time_s", "model_time_s", "num_seqs"):
+                out[f"recent_{name}_p50"] = statistics.median(getattr(s, name) for s in steps)
+        return out
 
     # ---- health and telemetry -------------------------------------------------------------------
 
@@ -120,6 +128,7 @@ class LLMServer:
         return {"num_waiting": float(self.engine.num_pending)}
 
     def _on_step(self, stats, engine) -> None:
+        self.recent_steps.append(stats)
         self.telemetry.record_step(stats)
         while engine.finished_stats:
             self.telemetry.record_request(engine.finished_stats.pop())

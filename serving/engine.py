@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Optional, Protocol
 
-import torch
-
 from serving.block_manager import BlockManager
 from serving.config import LLMConfig
 from serving.detokenizer import IncrementalDetokenizer
@@ -124,37 +122,26 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def _build_input(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
-        """Packs the batch. Index tensors are built with vectorised ops (Python loops only over sequences)."""
-        bs = self.blocks.block_size
+        """Packs the batch as plain lists; each rank builds its tensors from them (StepTensors)."""
         ids: list[int] = []
-        qlens, ctxs, computed, tables, sampled = [], [], [], [], []
-        for seq, n in batch.entries:
+        qlens, ctxs, tables, rows, sampled = [], [], [], [], []
+        for i, (seq, n) in enumerate(batch.entries):
             nc = seq.num_computed_tokens
             ids.extend(seq.token_ids[nc:nc + n])
             qlens.append(n)
             ctxs.append(nc + n)
-            computed.append(nc)
             tables.append(seq.block_table)
             if nc + n == len(seq):
+                rows.append(i)
                 sampled.append(seq)
-        num_seqs, width = len(tables), max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        # [B, width * bs] flat slots of every position, cut to the longest context
-        context_slots = (table[:, :, None] * bs + torch.arange(bs)).view(num_seqs, -1)[:, :max(ctxs)]
-        q = torch.tensor(qlens)
-        ends = q.cumsum(0)
-        row = torch.repeat_interleave(torch.arange(num_seqs), q)  # [T] sequence of each token
-        positions = torch.arange(int(ends[-1])) - (ends - q)[row] + torch.tensor(computed)[row]
-        is_sampled = torch.tensor([c == len(s) for (s, _), c in zip(batch.entries, ctxs)])
         params = [s.params for s in sampled]
         inp = StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=positions,
-            slot_mapping=context_slots[row, positions],
+            token_ids=ids,
             query_lens=qlens,
             context_lens=ctxs,
-            context_slots=context_slots,
-            logits_indices=(ends - 1)[is_sampled],
+            block_tables=tables,
+            block_size=self.blocks.block_size,
+            sample_rows=rows,
             seq_ids=[s.seq_id for s in sampled],
             temperatures=[p.temperature for p in params],
             top_ps=[p.top_p for p in params],

@@ -24,16 +24,19 @@ ATTN_NAME = "engine_paged"
 
 @dataclass
 class StepInput:
-    """Everything a rank needs for one step; built by the engine, identical on every rank."""
+    """Everything a rank needs for one step; built by the engine, identical on every rank.
 
-    input_ids: torch.Tensor  # [T] int64, the step's new tokens, sequence after sequence
-    positions: torch.Tensor  # [T] int64, their positions in their sequences
-    slot_mapping: torch.Tensor  # [T] int64, flat KV slot (block * block_size + offset) of each new token
+    Plain lists, turned into tensors on each rank (`StepTensors`): pickling torch tensors through a
+    Ray call cost ~40 ms here, small lists well under 1 ms.
+    """
+
+    token_ids: list[int]  # [T] the step's new tokens, sequence after sequence
     query_lens: list[int]  # [B] new tokens per sequence (1 = decode)
     context_lens: list[int]  # [B] tokens per sequence after this step (cached + new)
-    context_slots: torch.Tensor  # [B, max_context_len] int64, flat KV slots of every context token (0-padded)
-    logits_indices: torch.Tensor  # [S] int64, index in T of the last token of each sequence to sample
-    # Sampling, one entry per sampled sequence (same order as logits_indices).
+    block_tables: list[list[int]]  # [B][num_blocks] each sequence's KV blocks, in order
+    block_size: int
+    sample_rows: list[int]  # [S] sequences whose last new token is sampled
+    # Sampling, one entry per sampled sequence (same order as sample_rows).
     seq_ids: list[int] = field(default_factory=list)
     temperatures: list[float] = field(default_factory=list)
     top_ps: list[float] = field(default_factory=list)
@@ -43,29 +46,49 @@ class StepInput:
     released_seq_ids: list[int] = field(default_factory=list)
 
 
+class StepTensors:
+    """A StepInput's tensors, built with vectorised ops on the rank's device."""
+
+    def __init__(self, inp: StepInput, device: torch.device):
+        bs, num_seqs = inp.block_size, len(inp.query_lens)
+        width = max(len(t) for t in inp.block_tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in inp.block_tables], dtype=torch.long, device=device)
+        # [B, max_context_len] flat slot (block * block_size + offset) of every context position
+        self.context_slots = (table[:, :, None] * bs + torch.arange(bs, device=device)).view(num_seqs, -1)
+        self.context_slots = self.context_slots[:, :max(inp.context_lens)]
+        q = torch.tensor(inp.query_lens, device=device)
+        ends = q.cumsum(0)
+        row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q)  # [T] sequence of each token
+        computed = torch.tensor(inp.context_lens, device=device) - q
+        self.input_ids = torch.tensor(inp.token_ids, dtype=torch.long, device=device)  # [T]
+        self.positions = torch.arange(int(ends[-1]), device=device) - (ends - q)[row] + computed[row]  # [T]
+        self.slot_mapping = self.context_slots[row, self.positions]  # [T]
+        self.logits_indices = (ends - 1)[torch.tensor(inp.sample_rows, dtype=torch.long, device=device)]  # [S]
+
+
 class _Meta:
     """Per-step tensors derived once from a StepInput and shared by all layers."""
 
-    def __init__(self, inp: StepInput, pools: "KVPools"):
+    def __init__(self, inp: StepInput, t: StepTensors, pools: "KVPools"):
         self.pools = pools
-        self.slot_mapping = inp.slot_mapping
+        self.slot_mapping = t.slot_mapping
         starts, s = [], 0
         for q in inp.query_lens:
             starts.append(s)
             s += q
         decode = [i for i, q in enumerate(inp.query_lens) if q == 1]
         self.prefill = [(starts[i], q, inp.context_lens[i], i) for i, q in enumerate(inp.query_lens) if q != 1]
-        self.context_slots = inp.context_slots
+        self.context_slots = t.context_slots
         self.decode_rows = None
         if decode:
-            dev = inp.input_ids.device
+            dev = t.input_ids.device
             rows = torch.tensor(decode, dtype=torch.long, device=dev)
             ctx_lens = [inp.context_lens[i] for i in decode]
             ctx = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
             max_ctx = max(ctx_lens)
             self.decode_rows = rows
             self.decode_token_idx = torch.tensor([starts[i] for i in decode], dtype=torch.long, device=dev)
-            self.decode_slots = inp.context_slots[rows, :max_ctx]  # [Bd, L]
+            self.decode_slots = t.context_slots[rows, :max_ctx]  # [Bd, L]
             # [Bd, 1, 1, L]: True where the key is inside the sequence
             self.decode_mask = (torch.arange(max_ctx, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
 
@@ -141,33 +164,15 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: StepInput) -> torch.Tensor:
         """Returns the logits of the sampled positions, [S, vocab] float32."""
-        dev = self.device
-        if dev.type != "cpu":
-            inp = _to_device(inp, dev)
-        meta = _Meta(inp, self.pools)
+        t = StepTensors(inp, self.device)
         out = self.model(
-            input_ids=inp.input_ids[None],
-            position_ids=inp.positions[None],
+            input_ids=t.input_ids[None],
+            position_ids=t.positions[None],
             use_cache=False,
-            logits_to_keep=inp.logits_indices,
-            paged_meta=meta,
+            logits_to_keep=t.logits_indices,
+            paged_meta=_Meta(inp, t, self.pools),
         )
         return out.logits[0].float()
-
-
-def _to_device(inp: StepInput, dev: torch.device) -> StepInput:
-    # context_slots stays where indexing happens (pools are on `dev`), so move it too.
-    return StepInput(
-        input_ids=inp.input_ids.to(dev, non_blocking=True),
-        positions=inp.positions.to(dev, non_blocking=True),
-        slot_mapping=inp.slot_mapping.to(dev, non_blocking=True),
-        query_lens=inp.query_lens,
-        context_lens=inp.context_lens,
-        context_slots=inp.context_slots.to(dev, non_blocking=True),
-        logits_indices=inp.logits_indices.to(dev, non_blocking=True),
-        seq_ids=inp.seq_ids, temperatures=inp.temperatures, top_ps=inp.top_ps, top_ks=inp.top_ks,
-        seeds=inp.seeds, released_seq_ids=inp.released_seq_ids,
-    )
 
 
 class StepRunner:
