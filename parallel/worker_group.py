@@ -1,7 +1,8 @@
 """A group of `TPWorker` actors, one per tensor-parallel rank, driven as one.
 
 `execute(step_input)` sends the same step to every rank and returns rank 0's tokens: nano-vllm's
-single `call` channel, over Ray. The ranks sit in one placement group packed on one node: the
+single `call` channel, over Ray: a compiled graph (shared-memory channels) by default, or plain
+actor calls. The ranks sit in one placement group packed on one node: the
 enclosing Serve replica's (bundles 1..N, see deployments/llm_server.py) or, outside Serve, one made here.
 """
 
@@ -65,10 +66,21 @@ class WorkerGroup:
         ray.get([w.load.remote(addr, port, model_path, config.model.dtype, num_kv_blocks,
                                config.scheduler.block_size, par.replace_with_kernel_inject)
                  for w in self.workers], timeout=load_timeout_s)
+        self._dag = self._compile() if par.use_compiled_graph else None
+
+    def _compile(self):
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as step_input:
+            dag = MultiOutputNode([w.execute.bind(step_input) for w in self.workers])
+        return dag.experimental_compile()
 
     def execute(self, step_input) -> list[int]:
-        refs = [w.execute.remote(step_input) for w in self.workers]
-        tokens, self.last_model_time_s = ray.get(refs, timeout=self.step_timeout_s)[0]
+        if self._dag is not None:
+            results = ray.get(self._dag.execute(step_input), timeout=self.step_timeout_s)
+        else:
+            results = ray.get([w.execute.remote(step_input) for w in self.workers], timeout=self.step_timeout_s)
+        tokens, self.last_model_time_s = results[0]
         return tokens
 
     def check_health(self, timeout_s: float = 10.0) -> None:
@@ -76,6 +88,9 @@ class WorkerGroup:
         ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)
 
     def shutdown(self) -> None:
+        if self._dag is not None:
+            self._dag.teardown()
+            self._dag = None
         for w in self.workers:
             ray.kill(w)
         self.workers = []

@@ -14,12 +14,12 @@ PROMPT_LENS = (3, 9, 17, 30, 41, 64)
 MAX_NEW = 16
 
 
-def run_engine(model_path: str, tp: int, num_kv_blocks: int) -> tuple[dict, int]:
+def run_engine(model_path: str, tp: int, num_kv_blocks: int, compiled: bool = True) -> tuple[dict, int]:
     from parallel.worker_group import WorkerGroup
     from serving.engine import LLMEngine
     from serving.model_loader import load_model_info, load_tokenizer
 
-    config = LLMConfig(model=ModelConfig(path=model_path), parallel=ParallelConfig(tensor_parallel_size=tp),
+    config = LLMConfig(model=ModelConfig(path=model_path), parallel=ParallelConfig(tensor_parallel_size=tp, use_compiled_graph=compiled),
                        scheduler=SchedulerConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
                                                  num_kv_blocks=num_kv_blocks))
     info = load_model_info(config.model)
@@ -48,11 +48,12 @@ def run_engine(model_path: str, tp: int, num_kv_blocks: int) -> tuple[dict, int]
     return {rid: (prompts[rid], toks) for rid, toks in outs.items()}, preempted
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_greedy_equals_hf_generate_under_preemption(ray_cluster, tiny_model, tp):
+@pytest.mark.parametrize("tp,compiled", [(1, True), (2, True), (4, True), (2, False)])
+def test_tp_greedy_equals_hf_generate_under_preemption(ray_cluster, tiny_model, tp, compiled):
+    """compiled: ranks driven by a Ray compiled graph (the default) or by plain actor calls."""
     from transformers import AutoModelForCausalLM
 
-    results, preempted = run_engine(tiny_model, tp, num_kv_blocks=30)
+    results, preempted = run_engine(tiny_model, tp, num_kv_blocks=30, compiled=compiled)
     assert preempted > 0, "the small block budget should have forced preemption"
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     for rid, (prompt, tokens) in results.items():
