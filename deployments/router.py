@@ -271,10 +271,11 @@ class Router:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(gen.__anext__(), timeout)
+                    async with asyncio.timeout(timeout):  # no task per item, unlike wait_for
+                        item = await gen.__anext__()
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise UnavailableError(f"no output from the model within {timeout:.0f} s")
                 yield item
         finally:
