@@ -34,7 +34,8 @@ def run_engine(model_path: str, tp: int, num_kv_blocks: int, compiled: bool = Tr
         while pending or engine.has_unfinished():
             if pending and step % 2 == 0:  # requests arrive at different steps
                 rid, ids = pending.pop(0)
-                engine.add_request(rid, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+                engine.add_request(rid, ids, SamplingParams(max_tokens=MAX_NEW, temperature=0.0,
+                                                            stop_token_ids=info.eos_token_ids))
                 outs[rid] = []
             outputs, stats = engine.step()
             preempted += stats.num_preempted
@@ -56,6 +57,20 @@ def test_tp_greedy_equals_hf_generate_under_preemption(ray_cluster, tiny_model, 
     results, preempted = run_engine(tiny_model, tp, num_kv_blocks=30, compiled=compiled)
     assert preempted > 0, "the small block budget should have forced preemption"
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for rid, (prompt, tokens) in results.items():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=MAX_NEW, do_sample=False)[0, len(prompt):].tolist()
+        assert tokens == ref, rid
+
+
+def test_embedded_target_tp2_equals_single_process(ray_cluster):
+    """Issue 3: the shipped target, split over two ranks, gives the single-process greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.models import EMBEDDED_TARGET
+
+    results, _ = run_engine(str(EMBEDDED_TARGET), 2, num_kv_blocks=64)
+    hf = AutoModelForCausalLM.from_pretrained(EMBEDDED_TARGET, dtype=torch.float32).eval()
     for rid, (prompt, tokens) in results.items():
         ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           max_new_tokens=MAX_NEW, do_sample=False)[0, len(prompt):].tolist()
