@@ -49,22 +49,46 @@ def overhead_summary(step_times: list[float], forward_times: list[float]) -> dic
     }
 
 
-def measure_engine(model: str, batch: int, context: int, steps: int, warmup: int, dtype: str) -> dict:
-    """Run the engine to a steady decode batch of `batch` and summarise `steps` decode steps."""
+def _ray_engine(config, tp: int):
+    """The engine over a Ray worker group of `tp` ranks (the deployment's path), and its group."""
+    import ray
+
+    from parallel.worker_group import WorkerGroup
+    from serving.config import ParallelConfig
+    from serving.engine import LLMEngine, num_kv_blocks_for
+    from serving.model_loader import load_model_info, load_tokenizer
+
+    config = config.model_copy(update={"parallel": ParallelConfig(tensor_parallel_size=tp)})
+    ray.init(num_cpus=max(2, tp), include_dashboard=False, log_to_driver=False)
+    info = load_model_info(config.model)
+    blocks = num_kv_blocks_for(config, info)
+    group = WorkerGroup(config, info.path, blocks, "cpu")
+    return LLMEngine(config, info, load_tokenizer(info.path), group, blocks), group
+
+
+def measure_engine(model: str, batch: int, context: int, steps: int, warmup: int, dtype: str, tp: int = 0) -> dict:
+    """Run the engine to a steady decode batch of `batch` and summarise `steps` decode steps.
+
+    tp=0: the local executor in this process; tp>=1: a Ray worker group of tp ranks (transport included)."""
     from serving.config import LLMConfig, ModelConfig, SchedulerConfig
     from serving.executor import build_local_engine
     from serving.sampling import SamplingParams
 
     sched = SchedulerConfig(max_num_seqs=max(batch, SchedulerConfig().max_num_seqs),
                             max_num_batched_tokens=max(batch * context + batch, SchedulerConfig().max_num_batched_tokens))
-    engine = build_local_engine(LLMConfig(model=ModelConfig(path=model, dtype=dtype), scheduler=sched))
+    config = LLMConfig(model=ModelConfig(path=model, dtype=dtype), scheduler=sched)
+    group = None
+    if tp:
+        engine, group = _ray_engine(config, tp)
+    else:
+        engine = build_local_engine(config)
     vocab = engine.info.vocab_size
     # NOTE: no stop_token_ids, so no sequence finishes before max_tokens and the batch stays full.
     params = SamplingParams(max_tokens=warmup + steps + context + 8, temperature=0.0)
     for i in range(batch):
         ids = [(17 * i + 31 * j) % (vocab - 1) + 1 for j in range(context)]  # any in-vocabulary ids
         engine.add_request(f"overhead-{i}", ids, params)
-    step_times, forward_times, outside_wall = [], [], []
+    step_times, forward_times, model_times, outside_wall = [], [], [], []
     num_prefill_steps = num_decode_seen = 0
     while len(step_times) < steps:
         t0 = time.perf_counter()
@@ -80,10 +104,20 @@ def measure_engine(model: str, batch: int, context: int, steps: int, warmup: int
             continue
         step_times.append(stats.step_time_s)
         forward_times.append(stats.forward_time_s)
+        model_times.append(stats.model_time_s)
         outside_wall.append(wall - stats.step_time_s)
     for i in range(batch):
         engine.abort(f"overhead-{i}")
+    if group is not None:
+        import ray
+
+        group.shutdown()
+        ray.shutdown()
     out = overhead_summary(step_times, forward_times)
+    # outside rank 0's own forward + sampling: the engine plus the transport to the ranks
+    out["model_ms_p50"] = 1e3 * statistics.median(model_times)
+    out["outside_model_fraction_total"] = 1 - sum(model_times) / sum(step_times)
+    out["tp"] = tp
     out["unaccounted_ms_p50"] = 1e3 * statistics.median(outside_wall)  # around step() but outside step_time_s
     out["num_warmup_steps"] = num_prefill_steps + warmup
     return out
@@ -126,6 +160,9 @@ def render(result: dict) -> str:
             f"- overhead: {100 * e['overhead_fraction_total']:.1f}% of step time over {e['num_steps']} steps "
             f"(per-step p50 {100 * e['overhead_fraction_p50']:.1f}%, p95 {100 * e['overhead_fraction_p95']:.1f}%); "
             f"bar < {100 * e['bar']:.0f}%: **{'PASS' if e['pass'] else 'FAIL'}**",
+            f"- executor: {'Ray worker group, tp=' + str(e['tp']) if e.get('tp') else 'local (no transport)'}; "
+            f"rank 0 forward+sampling p50 {e['model_ms_p50']:.2f} ms; outside it (engine + transport): "
+            f"{100 * e['outside_model_fraction_total']:.1f}% of step time",
         ]
     if result.get("bare"):
         b = result["bare"]["bare_forward_ms_p50"]
@@ -145,6 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="decode steps measured")
     p.add_argument("--warmup", type=int, default=5, help="decode steps skipped first")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tp", type=int, default=0, help="0: local executor; N: Ray worker group of N ranks")
     p.add_argument("--no-bare", action="store_true", help="skip the bare HF forward reference")
     p.add_argument("--out", help="JSON file for the result (default bench/results/overhead-<time>.json)")
     p.add_argument("--check", action="store_true", help="exit 1 when the bar is missed")
@@ -154,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = resolve_model(args.model)
     result: dict = {"model": model, "batch": args.batch, "context": args.context, "dtype": args.dtype}
     try:
-        result["engine"] = measure_engine(model, args.batch, args.context, args.steps, args.warmup, args.dtype)
+        result["engine"] = measure_engine(model, args.batch, args.context, args.steps, args.warmup, args.dtype,
+                                          args.tp)
     except ImportError as e:  # NOTE: the engine modules are optional for the rest of the benchmark
         result["error"] = f"serving.engine / serving.executor not importable: {e}"
     if not args.no_bare:
