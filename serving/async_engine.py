@@ -1,16 +1,17 @@
-"""The engine behind an asyncio event loop: a step loop plus one stream per request.
+"""The engine behind an asyncio event loop: a step thread plus one stream per request.
 
-The engine is single-threaded: `step()` runs in one worker thread, and requests are added and
-aborted only between steps (queued from the event loop, applied by the loop). So the event loop
-never blocks on a forward pass, and the engine never sees two threads.
+The engine is single-threaded: one dedicated thread runs `step()` back to back, and requests are
+added and aborted only between steps (queued under a lock by the event loop, applied by the step
+thread). Each step's outputs go to the event loop in one callback. So the event loop never blocks
+on a forward pass, the next step never waits for the event loop, and the engine never sees two threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional
 
 from serving.engine import LLMEngine
@@ -30,13 +31,15 @@ class AsyncEngine:
         # item costs a Ray object per hop, so tokens are sent in small groups (Ray Serve LLM: 50 ms).
         self.stream_interval_s = stream_interval_s
         self.max_waiting_requests = max_waiting_requests
-        self.on_step = on_step
-        self._streams: dict[str, asyncio.Queue] = {}
+        self.on_step = on_step  # called on the event loop after each step
+        self._streams: dict[str, asyncio.Queue] = {}  # event-loop side only
+        self._lock = threading.Lock()  # guards _to_add and _to_abort
         self._to_add: list[tuple] = []
         self._to_abort: set[str] = set()
-        self._wakeup: Optional[asyncio.Event] = None
-        self._loop_task: Optional[asyncio.Task] = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._work = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopped = False
         self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
         self.last_step_time = time.monotonic()
 
@@ -56,9 +59,10 @@ class AsyncEngine:
         self.engine.check_request(prompt_token_ids, params)  # 4xx now, not from inside the loop
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._to_add.append((request_id, prompt_token_ids, params, time.monotonic()))
-        self._ensure_loop()
-        self._wakeup.set()
+        with self._lock:
+            self._to_add.append((request_id, prompt_token_ids, params, time.monotonic()))
+        self._ensure_thread()
+        self._work.set()
         finished = False
         try:
             while True:
@@ -83,62 +87,69 @@ class AsyncEngine:
             if self._streams.get(request_id) is queue:
                 del self._streams[request_id]
             if not finished:
-                self._to_abort.add(request_id)
-                if self._wakeup is not None:
-                    self._wakeup.set()
+                with self._lock:
+                    self._to_abort.add(request_id)
+                self._work.set()
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+            self._thread.start()
 
     def _apply_pending(self) -> None:
-        adds, self._to_add = self._to_add, []
+        """Step thread: adds and aborts queued since the last step."""
+        with self._lock:
+            adds, self._to_add = self._to_add, []
+            aborts, self._to_abort = self._to_abort, set()
         for request_id, ids, params, arrival in adds:
-            if request_id in self._to_abort:
+            if request_id in aborts:
                 continue
             try:
                 self.engine.add_request(request_id, ids, params, arrival)
             except ServingError as e:
-                self._deliver(request_id, e)
-        aborts, self._to_abort = self._to_abort, set()
+                self._loop.call_soon_threadsafe(self._deliver, request_id, e)
         for request_id in aborts:
             self.engine.abort(request_id)
+
+    def _run(self) -> None:
+        """Step thread: step while there is work, sleep on `_work` while there is none."""
+        while not self._stopped:
+            self._apply_pending()
+            if not self.engine.has_unfinished():
+                self._work.wait(timeout=1.0)
+                self._work.clear()  # NOTE: work queued before a set() is picked up by the next _apply_pending
+                continue
+            try:
+                outputs, stats = self.engine.step()
+            except Exception as e:  # a rank died or hung: fail everything in flight, stay unhealthy
+                logger.exception("engine step failed")
+                self.error = e
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+                return
+            self.last_step_time = time.monotonic()
+            self._loop.call_soon_threadsafe(self._publish, outputs, stats)
+
+    # ---- event-loop side ----------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item) -> None:
         queue = self._streams.get(request_id)
         if queue is not None:
             queue.put_nowait(item)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._apply_pending()
-            if not self.engine.has_unfinished():
-                self._wakeup.clear()
-                if self._to_add or self._to_abort:
-                    continue
-                await self._wakeup.wait()
-                continue
-            try:
-                outputs, stats = await loop.run_in_executor(self._thread, self.engine.step)
-            except Exception as e:  # a rank died or hung: fail everything in flight, stay unhealthy
-                logger.exception("engine step failed")
-                self.error = e
-                for request_id in list(self._streams):
-                    self._deliver(request_id, UnavailableError(f"engine failed: {e}"))
-                return
-            self.last_step_time = time.monotonic()
-            for out in outputs:
-                self._deliver(out.request_id, out)
-            if self.on_step is not None:
-                self.on_step(stats, self.engine)
-            await asyncio.sleep(0)  # let handlers enqueue new requests between steps
+    def _publish(self, outputs: list[GenerationOutput], stats: StepStats) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        if self.on_step is not None:
+            self.on_step(stats, self.engine)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, UnavailableError(f"engine failed: {e}"))
 
     def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._stopped = True
+        self._work.set()
 
 
 def _merge(a: GenerationOutput, b: GenerationOutput) -> GenerationOutput:
