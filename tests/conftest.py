@@ -1,6 +1,7 @@
 """Session fixtures: one small Ray cluster, one tiny model folder, one deployed app.
 
-Every test that needs Ray uses `ray_cluster`; the app under test (router -> cache -> LLM server
+Every test that needs Ray uses `ray_cluster` (and `serve_port` before any `serve.run`, so Serve
+listens on its free port); the app under test (router -> cache -> LLM server
 with tensor_parallel_size=2) is deployed once per session by `llm_app`.
 """
 

@@ -88,7 +88,10 @@ class BatchingEmbedder:
                 texts = list(dict.fromkeys(t for t, _ in batch))  # unique, in order
                 try:
                     vectors = await loop.run_in_executor(self._executor, self._encode, texts)
-                except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                    if vectors is None or len(vectors) != len(texts):
+                        raise RuntimeError(f"encoder returned {0 if vectors is None else len(vectors)} "
+                                           f"vectors for {len(texts)} texts")
+                except Exception as exc:  # noqa: BLE001 - handed to every waiter; the worker lives on
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)

@@ -89,7 +89,7 @@ class FlatIndex:
         return self._vectors[self._row[entry_id]].copy()
 
     def items(self):
-        """(id, vector) pairs, for promotion to another index."""
+        """(id, vector) pairs, for moving to another index."""
         for i, entry_id in enumerate(self._ids):
             yield entry_id, self._vectors[i]
 
@@ -112,9 +112,11 @@ class HNSWIndex:
 
     @property
     def num_bytes(self) -> int:
-        # vectors + about two levels of links (4-byte slots) per node + fixed overhead.
-        per_node = 4 * self.dim + 2 * 4 * 2 * self._connectivity + 64
-        return 64 * 1024 + per_node * self._count
+        # NOTE: fitted to usearch's own `memory_usage` (dim 384, M=16: 16.8 MB at 3k nodes, 151.5 MB at
+        # 50k): about 8 MiB of arenas plus the vector and ~1.3 KB of links and bookkeeping per node.
+        # usearch reuses a removed node's slot for the next add, so live nodes are what counts.
+        per_node = 4 * self.dim + 84 * self._connectivity
+        return 8 * 2**20 + per_node * self._count
 
     def add(self, entry_id: int, vector: np.ndarray) -> None:
         self._index.add(entry_id, vector, threads=1)
@@ -133,6 +135,11 @@ class HNSWIndex:
 
     def get(self, entry_id: int) -> np.ndarray:
         return np.asarray(self._index.get(entry_id), dtype=np.float32)
+
+    def items(self):
+        """(id, vector) pairs, for moving back to a flat index."""
+        for entry_id in self._index.keys:
+            yield int(entry_id), self.get(int(entry_id))
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         if self._count == 0:

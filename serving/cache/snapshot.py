@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 from typing import Iterator
@@ -72,7 +73,7 @@ def load(store: CacheStore, path: str, partition: int, num_partitions: int, mode
         try:
             rows.extend(_read(file, model_id, store.dim))
         except (OSError, ValueError, KeyError) as exc:  # a corrupt file must not stop the replica
-            print(f"cache snapshot {file} ignored: {exc}")
+            logging.getLogger(__name__).warning("cache snapshot %s ignored: %s", file, exc)
     rows.sort(key=lambda r: r[0]["created_at"])
     keep = []
     for row, vector in rows:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from serving.cache.eviction import create_policy
-from serving.cache.index import FlatIndex, VectorIndex, create_index
+from serving.cache.index import FlatIndex, HNSWIndex, VectorIndex, create_index
 from serving.cache.key import CacheKey
 from serving.cache.types import CachedAnswer
 
@@ -213,6 +213,12 @@ class CacheStore:
             del part.exact[entry.norm]
         before = part.index.num_bytes
         part.index.remove(entry_id)
+        if isinstance(part.index, HNSWIndex) and len(part.index) < self.hnsw_min_size // 4:
+            # A graph that shrank a lot goes back to exact search, which frees its arenas.
+            flat = create_index(self.dim, "flat")
+            for old_id, old_vector in part.index.items():
+                flat.add(old_id, old_vector)
+            part.index = flat
         self._index_bytes += part.index.num_bytes - before
         if len(part.index) == 0 and not part.exact:
             self._index_bytes -= part.index.num_bytes

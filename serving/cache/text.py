@@ -45,7 +45,7 @@ _STOPWORDS = frozenset(
     "some any in on of for with at by as and or but about using use via so if then than to from into "
     "onto over under up down out off again also just only really actually exactly possible "
     "something someone anything thing things whats hows im ive id youre get getting got make "
-    "one ones kind type which whether have has had having effectively properly correctly actually".split())
+    "one ones kind type which whether have has had having effectively properly correctly".split())
 
 # Markers across which the order of two content words carries meaning.
 _DIRECTIONAL = frozenset(
@@ -63,20 +63,19 @@ _SYNONYMS = {
     "begin": "start", "commence": "start", "finish": "end", "purchase": "buy", "automobile": "car",
     "utilize": "use", "obtain": "get", "retrieve": "get", "fetch": "get", "acquire": "get",
     "display": "print", "output": "print", "create": "make", "build": "make", "generate": "make",
-    "reverse": "reverse", "invert": "reverse", "flip": "reverse", "combine": "merge", "join": "merge",
-    "concatenate": "merge", "split": "split", "divide": "split", "examine": "check", "verify": "check",
+    "invert": "reverse", "flip": "reverse", "combine": "merge", "join": "merge",
+    "concatenate": "merge", "divide": "split", "examine": "check", "verify": "check",
     "test": "check", "determine": "check", "figure": "check", "compute": "calculate",
-    "count": "count", "number": "count", "amount": "count", "total": "sum", "append": "add",
-    "write": "write", "save": "write", "store": "write", "read": "read", "load": "read", "open": "read",
-    "sort": "sort", "order": "sort", "arrange": "sort", "meaning": "mean", "means": "mean",
+    "number": "count", "amount": "count", "total": "sum", "append": "add", "save": "write",
+    "load": "read", "arrange": "sort", "meaning": "mean", "means": "mean",
     "definition": "mean", "define": "mean", "doctor": "physician", "film": "movie", "movies": "movie",
     "kid": "child", "kids": "child", "children": "child", "happen": "occur", "capitol": "capital",
     "job": "work", "occupation": "work", "sick": "ill", "illness": "ill", "disease": "ill",
     "mistake": "error", "bug": "error", "fault": "error", "cost": "price", "costs": "price",
-    "pay": "price", "location": "place", "situated": "located", "lies": "located",
+    "pay": "price", "location": "place", "situated": "located",
     "compose": "write", "primary": "main", "principal": "main", "chief": "main",
     "revert": "undo", "quit": "exit", "leave": "exit", "lower": "reduce", "decrease": "reduce",
-    "uninstall": "remove", "find": "get", "current": "today", "today's": "today", "many": "count",
+    "uninstall": "remove", "find": "get", "current": "today", "many": "count",
     "modify": "edit", "alter": "edit", "launch": "start",
 }
 
@@ -186,7 +185,9 @@ def parse(text: str) -> Parsed:
             elif bare not in _STOPWORDS:
                 if _is_entity(raw, sentence_start):
                     p.entities.add(low)
-                p.content.append((stem(raw), pos))
+                canonical = stem(raw)
+                if canonical not in _STOPWORDS:  # "obtain" -> "get", a stopword like "get" itself
+                    p.content.append((canonical, pos))
         sentence_start = kind == "sym" and raw in ".?!:;\n"
         prev_kind = kind
     return p

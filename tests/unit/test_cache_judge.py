@@ -50,3 +50,7 @@ def test_parse_and_normalize():
     assert {"nasa", "iphone"} <= p.entities
     assert normalize("  What is\tThis? ") == "what is this?"
     assert normalize("100 Mbps") != normalize("100 MBps") and normalize("In 5 min") == normalize("in 5 min")
+
+
+def test_synonym_of_a_stopword_is_a_stopword():
+    assert judge("How do I get the current date?", "How can I obtain the current date?") is None

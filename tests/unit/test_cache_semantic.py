@@ -144,3 +144,22 @@ def test_snapshot_skips_expired(tmp_path):
     later = CacheStore(DIM, 1 << 22, ttl_s=10.0, clock=lambda: now[0])
     assert snapshot.load(later, path, 0, 1, "fake") == 1
     assert later.get_exact(key(), "new") is not None
+
+
+def test_encoder_failure_reaches_every_waiter_and_the_worker_survives():
+    state = {"fail": True}
+    base = hashing_encoder(DIM)
+
+    def encode(texts):
+        if state["fail"]:
+            raise ValueError("model broke")
+        return base(texts)
+
+    async def go():
+        embedder = BatchingEmbedder(encode)
+        results = await asyncio.gather(*[embedder.embed(f"t{i}") for i in range(5)], return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results)
+        state["fail"] = False
+        assert (await embedder.embed("fine")).shape == (DIM,)
+        embedder.close()
+    run(go())

@@ -131,6 +131,13 @@ def test_flat_partition_is_promoted_to_hnsw():
     vec = encode(["question 42 294"])[0]
     (entry, sim), *_ = store.search(key(), vec, 3, 0.5)
     assert entry.query == "question 42 294" and sim > 0.99
+    assert store.num_bytes == store._recount()
+    # Shrinking below a quarter of the promotion size goes back to exact search.
+    for e in [e for e in store.entries() if e.query != "question 42 294"][:90]:
+        store._remove(e.entry_id)
+    assert isinstance(store._partitions[key().digest].index, FlatIndex) and len(store) == 10
+    assert store.search(key(), vec, 1, 0.5)[0][0].query == "question 42 294"
+    assert store.num_bytes == store._recount()
 
 
 @pytest.mark.parametrize("cls", [FlatIndex, HNSWIndex])
@@ -148,3 +155,21 @@ def test_index_add_remove_search(cls):
         top_id, sim = index.search(vecs[i], 1)[0]
         assert top_id == i and sim == pytest.approx(1.0, abs=1e-4)
     assert all(j % 2 == 1 for j, _ in index.search(vecs[0], 10))
+
+
+def test_insert_many_matches_insert():
+    rows = [(key(tenant=f"t{i % 3}"), f"question {i}", f"question {i}", encode([f"question {i}"])[0], answer(), None)
+            for i in range(300)]
+    rows.append(rows[0])  # an exact repeat inside the batch: the last one wins
+    bulk = CacheStore(DIM, 1 << 26, hnsw_min_size=64)
+    assert bulk.insert_many(rows) == 300
+    one = CacheStore(DIM, 1 << 26, hnsw_min_size=64)
+    for r in rows:
+        one.insert(*r)
+    assert len(bulk) == len(one) == 300 and bulk.num_partitions == 3
+    assert bulk.num_bytes == bulk._recount()
+    vec = encode(["question 42"])[0]
+    assert bulk.search(key(tenant="t0"), vec, 1, 0.9)[0][0].query == "question 42"
+    small = CacheStore(DIM, 16 * 1024)
+    small.insert_many(rows)
+    assert small.num_bytes <= 16 * 1024 and small.num_evictions > 0
