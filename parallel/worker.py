@@ -39,8 +39,6 @@ class TPWorker:
     def load(self, master_addr: str, master_port: int, model_path: str, dtype: str, num_kv_blocks: int,
              block_size: int, replace_with_kernel_inject: bool = False) -> int:
         """Loads this rank's shard; all ranks must call it at the same time (they rendezvous)."""
-        import torch
-
         from serving.model_loader import load_model
         from serving.model_runner import StepRunner
 

@@ -9,7 +9,6 @@ enclosing Serve replica's (bundles 1..N, see deployments/llm_server.py) or, outs
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group

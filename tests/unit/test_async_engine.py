@@ -5,7 +5,6 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from serving.async_engine import AsyncEngine
 from serving.config import LLMConfig, ModelConfig, SchedulerConfig
@@ -22,15 +21,6 @@ def config(model_path: str, max_num_seqs: int = 4) -> LLMConfig:
     return LLMConfig(model=ModelConfig(path=model_path),
                      scheduler=SchedulerConfig(block_size=4, num_kv_blocks=NUM_BLOCKS, max_num_seqs=max_num_seqs,
                                                max_num_batched_tokens=32))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # NOTE: on a shared 2-core machine two intra-op threads per tiny matmul are ~10x slower than one.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ KV_SLOTS = 112  # a small KV cache: the longest request below needs 91 slots
 SMALL_KV = dict(block_size=4, num_kv_blocks=KV_SLOTS // 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # NOTE: on a shared 2-core machine two intra-op threads per tiny matmul are ~10x slower than one.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 class Engines:
     """engines(block_size, num_kv_blocks, ...) -> a local engine, built once per configuration."""
 
