@@ -124,9 +124,6 @@ class LLMServer:
             raise RuntimeError(f"engine failed: {self.engine.error}")
         await asyncio.get_running_loop().run_in_executor(None, self.group.check_health)
 
-    def record_autoscaling_stats(self) -> dict:
-        return {"num_waiting": float(self.engine.num_pending)}
-
     def _on_step(self, stats, engine) -> None:
         self.recent_steps.append(stats)
         self.telemetry.record_step(stats)

@@ -41,7 +41,6 @@ class AsyncEngine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped = False
         self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
-        self.last_step_time = time.monotonic()
 
     @property
     def num_pending(self) -> int:
@@ -127,7 +126,6 @@ class AsyncEngine:
                 self.error = e
                 self._loop.call_soon_threadsafe(self._fail_all, e)
                 return
-            self.last_step_time = time.monotonic()
             self._loop.call_soon_threadsafe(self._publish, outputs, stats)
 
     # ---- event-loop side ----------------------------------------------------------------------
