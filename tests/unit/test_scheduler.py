@@ -23,9 +23,8 @@ def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
     return Sequence(name, [3] * prompt_len, SamplingParams(max_tokens=max_tokens))
 
 
-def step(sched: Scheduler):
-    """One engine step without a model: compute the scheduled tokens, sample where a sequence is complete."""
-    batch = sched.schedule()
+def complete(sched: Scheduler, batch) -> None:
+    """What the engine does after a forward: count the computed tokens, sample where a sequence is complete."""
     for s, n in batch.entries:
         s.num_computed_tokens += n
     for s, n in batch.entries:
@@ -33,6 +32,12 @@ def step(sched: Scheduler):
             s.token_ids.append(7)
             if s.num_output_tokens >= s.params.max_tokens:
                 sched.finish(s, "length")
+
+
+def step(sched: Scheduler):
+    """One engine step without a model."""
+    batch = sched.schedule()
+    complete(sched, batch)
     return batch
 
 
@@ -231,13 +236,7 @@ def test_random_workload_keeps_invariants_and_finishes(seed, block_size, num_blo
             assert len(s.block_table) * block_size >= s.num_computed_tokens + n
         check_invariants(sched)
         num_preempted += batch.num_preempted
-        for s, n in batch.entries:
-            s.num_computed_tokens += n
-        for s, n in batch.entries:
-            if s.num_computed_tokens == len(s):
-                s.token_ids.append(7)
-                if s.num_output_tokens >= s.params.max_tokens:
-                    sched.finish(s, "length")
+        complete(sched, batch)
         check_invariants(sched)
         if t >= 200 and not sched.num_unfinished:
             break
