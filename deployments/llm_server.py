@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import statistics
 import os
+import statistics
 import uuid
 from typing import AsyncIterator, Union
 

@@ -18,8 +18,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         # NOTE: a fast tokenizer's Rust object decodes several times faster than the HF wrapper
         backend = getattr(tokenizer, "_tokenizer", None)
-        self._decode_ids = (backend.decode if backend is not None
-                            else lambda ids, skip_special_tokens: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+        self._decode_ids = backend.decode if backend is not None else tokenizer.decode
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self.text = ""  # decoded output so far (complete characters only)

@@ -24,6 +24,8 @@ from serving.stats import RequestStats, StepStats
 
 
 class Executor(Protocol):
+    last_model_time_s: float  # rank 0's forward + sampling time in the last execute()
+
     def execute(self, inp: StepInput) -> list[int]: ...
 
 
@@ -99,7 +101,7 @@ class LLMEngine:
             t1 = time.perf_counter()
             tokens = self.executor.execute(inp)
             stats.forward_time_s = time.perf_counter() - t1
-            stats.model_time_s = getattr(self.executor, "last_model_time_s", stats.forward_time_s)
+            stats.model_time_s = self.executor.last_model_time_s
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
             now = time.monotonic()
