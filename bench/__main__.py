@@ -53,6 +53,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="flat AppConfig argument for ours (repeatable); the semantic cache is off unless cache=true")
     p.add_argument("--baseline-batch-size", type=int, default=32, help="baseline @serve.batch max_batch_size")
     p.add_argument("--baseline-wait-s", type=float, default=0.05, help="baseline @serve.batch batch_wait_timeout_s")
+    p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc",
+                   help="how Serve's HTTP proxy reaches the ingress replicas of both targets: gRPC "
+                        "(RAY_SERVE_PROXY_USE_GRPC=1, the default here) or Ray actor calls")
     p.add_argument("--num-cpus", type=int, default=max(2, os.cpu_count() or 2), help="CPUs of the Ray cluster")
     p.add_argument("--out", help="results folder (default bench/results/<time>-<mode>)")
     p.add_argument("--verbose", action="store_true", help="show Ray worker logs")
@@ -183,6 +186,9 @@ def deploy_and_drive(args, model_path: str, points, extra_body, meta: dict) -> l
         raise SystemExit(f"--targets: unknown {sorted(unknown)} (known: ours, baseline)")
     port = _free_port()
     root = str(Path(__file__).resolve().parent.parent)
+    # NOTE: read by the proxy process when it starts, which inherits this environment via ray.init
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if args.proxy_transport == "grpc" else "0"
+    meta["proxy_transport"] = args.proxy_transport
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}})
     runs: list[client.RunResult] = []

@@ -38,7 +38,8 @@ class LLMServer:
         engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
-                                  stream_interval_s=config.scheduler.stream_interval_s)
+                                  stream_interval_s=config.scheduler.stream_interval_s,
+                                  max_stream_items_per_s=config.scheduler.max_stream_items_per_s)
         self.num_requests = 0
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,

@@ -83,8 +83,9 @@ async def _sse(first, rest) -> AsyncIterator[str]:
 class Router:
     def __init__(self, llm_handles: dict[str, DeploymentHandle], cache_handles: list[DeploymentHandle],
                  config: AppConfig):
-        self.llms = llm_handles
-        self.caches = cache_handles
+        by_reference = config.router.handle_transport == "ray"
+        self.llms = {name: h.options(_by_reference=by_reference) for name, h in llm_handles.items()}
+        self.caches = [h.options(_by_reference=by_reference) for h in cache_handles]
         self.config = config
         self._cards: dict[str, dict] = {}
         self._background: set[asyncio.Task] = set()

@@ -1,8 +1,8 @@
 """A group of `TPWorker` actors, one per tensor-parallel rank, driven as one.
 
 `execute(step_input)` sends the same step to every rank and returns rank 0's tokens: nano-vllm's
-single `call` channel, over Ray: a compiled graph (shared-memory channels) by default, or plain
-actor calls. The ranks sit in one placement group packed on one node: the
+single `call` channel, over Ray: a compiled graph (shared-memory channels) on CUDA, plain actor
+calls on CPU (`ParallelConfig.use_compiled_graph`). The ranks sit in one placement group packed on one node: the
 enclosing Serve replica's (bundles 1..N, see deployments/llm_server.py) or, outside Serve, one made here.
 """
 
@@ -65,7 +65,8 @@ class WorkerGroup:
         ray.get([w.load.remote(addr, port, model_path, config.model.dtype, num_kv_blocks,
                                config.scheduler.block_size, par.replace_with_kernel_inject)
                  for w in self.workers], timeout=load_timeout_s)
-        self._dag = self._compile() if par.use_compiled_graph else None
+        compiled = par.use_compiled_graph if par.use_compiled_graph is not None else device == "cuda"
+        self._dag = self._compile() if compiled else None
 
     def _compile(self):
         from ray.dag import InputNode, MultiOutputNode

@@ -25,11 +25,14 @@ logger = logging.getLogger(__name__)
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int,
-                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None, stream_interval_s: float = 0.0):
+                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None, stream_interval_s: float = 0.0,
+                 max_stream_items_per_s: float = 0.0):
         self.engine = engine
         # Minimum time between two items of one stream (the first goes out at once): every stream
-        # item costs a Ray object per hop, so tokens are sent in small groups (Ray Serve LLM: 50 ms).
+        # item costs CPU in every Serve hop, so tokens are sent in small groups (Ray Serve LLM:
+        # 50 ms), and in bigger groups when many streams share the replica (`_stream_interval`).
         self.stream_interval_s = stream_interval_s
+        self.max_stream_items_per_s = max_stream_items_per_s
         self.max_waiting_requests = max_waiting_requests
         self.on_step = on_step  # called on the event loop after each step
         self._streams: dict[str, asyncio.Queue] = {}  # event-loop side only
@@ -80,8 +83,9 @@ class AsyncEngine:
                 yield item
                 if finished:
                     return
-                if self.stream_interval_s > 0:
-                    await asyncio.sleep(self.stream_interval_s)
+                interval = self._stream_interval()
+                if interval > 0:
+                    await asyncio.sleep(interval)
         finally:
             if self._streams.get(request_id) is queue:
                 del self._streams[request_id]
@@ -89,6 +93,13 @@ class AsyncEngine:
                 with self._lock:
                     self._to_abort.add(request_id)
                 self._work.set()
+
+    def _stream_interval(self) -> float:
+        """Seconds before a stream's next item: at least `stream_interval_s`, and long enough that
+        all open streams together send at most `max_stream_items_per_s` items a second."""
+        if self.max_stream_items_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, len(self._streams) / self.max_stream_items_per_s)
 
     def _ensure_thread(self) -> None:
         if self._thread is None:

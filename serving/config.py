@@ -37,15 +37,17 @@ class ParallelConfig(_Frozen):
     num_threads_per_worker: int = Field(default=0, ge=0)
     # DeepSpeed kernel injection (CUDA only; must keep the same outputs).
     replace_with_kernel_inject: bool = False
-    # Drive the ranks through a Ray compiled graph (shared-memory channels, ~1 ms per step instead of
-    # ~4 ms for plain actor calls here); False = plain actor calls.
-    use_compiled_graph: bool = True
+    # Drive the ranks through a Ray compiled graph (shared-memory channels: ~1.5 ms per step instead of
+    # ~4 ms for plain actor calls here), or plain actor calls. None = compiled on CUDA only: a
+    # compiled-graph reader waits by spinning, so on CPU the driver and every idle rank each burn a
+    # core the forward needs (measured on 2 cores: 464 vs 530 output tokens/s, docs/notes.md).
+    use_compiled_graph: Optional[bool] = None
     # Seconds a single engine step may take before the worker group is considered hung.
     step_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class SchedulerConfig(_Frozen):
-    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
     block_size: int = Field(default=16, ge=1)
     # KV capacity: an explicit number of blocks, or a per-rank memory budget in bytes.
@@ -56,6 +58,10 @@ class SchedulerConfig(_Frozen):
     # Minimum seconds between two stream items of one request (tokens go out in small groups;
     # each item costs a Ray object per hop). 0 = one item per token.
     stream_interval_s: float = Field(default=0.05, ge=0.0, le=1.0)
+    # Under load the interval grows so that all streams of a replica together send at most this
+    # many items per second (each item costs CPU in every Serve hop; 0 = no bound). At 64
+    # concurrent streams, 300 gives one item per stream every ~0.2 s.
+    max_stream_items_per_s: float = Field(default=300.0, ge=0.0)
     # Default max_tokens when a request gives none (bounded by the context window).
     default_max_tokens: int = Field(default=256, ge=1)
 
@@ -137,6 +143,11 @@ class RouterConfig(_Frozen):
     max_queued_requests: int = Field(default=2048, ge=1)
     # Seconds a request may wait for its first token before the router gives up with 503.
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # How the router's handles reach the LLM servers and cache partitions: "grpc" (Serve's
+    # inter-deployment gRPC, `handle.options(_by_reference=False)`) or "ray" (actor calls and
+    # object refs). gRPC took the router's and LLM server's CPU per streamed token about in half
+    # here (docs/benchmark-results.md).
+    handle_transport: Literal["grpc", "ray"] = "grpc"
 
 
 class AppConfig(_Frozen):
@@ -194,6 +205,8 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
     "device": ("parallel", "device"),
     "num_cpus_per_worker": ("parallel", "num_cpus_per_worker"),
+    "num_threads_per_worker": ("parallel", "num_threads_per_worker"),
+    "use_compiled_graph": ("parallel", "use_compiled_graph"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "block_size": ("scheduler", "block_size"),
@@ -210,10 +223,12 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "target_ongoing_requests": ("serve", "autoscaling.target_ongoing_requests"),
     "replace_with_kernel_inject": ("parallel", "replace_with_kernel_inject"),
     "stream_interval_s": ("scheduler", "stream_interval_s"),
+    "max_stream_items_per_s": ("scheduler", "max_stream_items_per_s"),
     "cache": ("cache", "enabled"),
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),
     "router_replicas": ("router", "num_replicas"),
+    "handle_transport": ("router", "handle_transport"),
 }
 
 

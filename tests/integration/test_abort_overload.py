@@ -56,16 +56,19 @@ def test_cancelled_handle_call_frees_blocks(llm_app):
 
 @pytest.fixture(scope="module")
 def small_app(serve_port, tiny_model):
-    """A second app: two models (one admits only 2 waiting requests), the cache switched off."""
+    """A second app: two models (one admits only 2 waiting requests), the cache switched off, and
+    the router's handles on Ray actor calls instead of the default gRPC (errors such as the 429
+    below cross either transport)."""
     from deployments import build_app
-    from serving.config import AppConfig, CacheConfig, LLMConfig, ModelConfig, SchedulerConfig, ServeOptions
+    from serving.config import (AppConfig, CacheConfig, LLMConfig, ModelConfig, RouterConfig, SchedulerConfig,
+                                ServeOptions)
 
     config = AppConfig(models=(LLMConfig(
         model=ModelConfig(path=tiny_model, name="small"),
         scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_waiting_requests=2),
         serve=ServeOptions(num_replicas=1),
     ), LLMConfig(model=ModelConfig(path=tiny_model, name="other"), serve=ServeOptions(num_replicas=1))),
-        cache=CacheConfig(enabled=False))
+        cache=CacheConfig(enabled=False), router=RouterConfig(handle_transport="ray"))
     serve.run(build_app(config), name="small", route_prefix="/small")
     yield f"http://127.0.0.1:{serve_port}/small"
     serve.delete("small")

@@ -88,6 +88,35 @@ def test_concurrent_streams_finish_with_the_right_tokens(engine):
     assert is_idle(engine)
 
 
+def test_stream_interval_grows_with_the_number_of_streams(engine):
+    ae = AsyncEngine(engine, max_waiting_requests=64, stream_interval_s=0.05, max_stream_items_per_s=300)
+    ae._streams = {f"r{i}": None for i in range(4)}
+    assert ae._stream_interval() == 0.05  # light load: the configured minimum
+    ae._streams = {f"r{i}": None for i in range(64)}
+    assert ae._stream_interval() == pytest.approx(64 / 300)
+    assert AsyncEngine(engine, 64, stream_interval_s=0.05)._stream_interval() == 0.05  # no bound
+
+
+def test_a_stream_items_budget_merges_tokens_into_fewer_items(engine):
+    """8 streams under a budget of 8 items/s: after its first item each stream waits ~1 s, by when
+    the tiny model has produced all its tokens, which then go out merged as one item."""
+    async def main(budget):
+        ae = AsyncEngine(engine, max_waiting_requests=64, max_stream_items_per_s=budget)
+        try:
+            return await asyncio.gather(*(collect(ae.generate(f"b{budget}-{i}", p, greedy(20)))
+                                          for i, p in enumerate(PROMPTS)))
+        finally:
+            ae.shutdown()
+
+    unbounded, bounded = asyncio.run(main(0)), asyncio.run(main(8))
+    for free, merged in zip(unbounded, bounded):
+        assert [t for o in merged for t in o.token_ids] == [t for o in free for t in o.token_ids]
+        assert len(merged) <= 3
+        assert merged[-1].finished and merged[-1].num_output_tokens == 20
+    assert sum(map(len, unbounded)) > sum(map(len, bounded))
+    assert is_idle(engine)
+
+
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 def test_a_consumer_that_goes_away_aborts_its_request(engine, how):
     async def main():

@@ -140,6 +140,21 @@ def test_batched_greedy_equals_hf_generate_alone(engines, reference, block_size)
     assert_idle(engine)
 
 
+def test_decode_in_small_groups_equals_hf_generate(engines, reference, monkeypatch):
+    """Decode rows attend in length-sorted groups (DECODE_GROUP_SIZE); with groups of 3 every step
+    has several groups, some of mixed context lengths (masked) and some not."""
+    import serving.model_runner
+
+    monkeypatch.setattr(serving.model_runner, "DECODE_GROUP_SIZE", 3)
+    engine = engines(block_size=4)
+    requests = mixed_requests(engine.info.vocab_size)
+    results, stats = run(engine, requests)
+    assert max(s.num_decode_tokens for s in stats) > 3
+    for rid, prompt, params, _ in requests:
+        assert results[rid]["tokens"] == reference(prompt, params.max_tokens), rid
+    assert_idle(engine)
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_greedy_equals_hf_generate_under_preemption(engines, reference, block_size):
     engine = engines(block_size=block_size, num_kv_blocks=KV_SLOTS // block_size, max_num_batched_tokens=32)
