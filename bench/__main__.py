@@ -42,6 +42,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", default="128,16,512", help="synthetic prompt tokens: median,min,max (lognormal)")
     p.add_argument("--prompt-sigma", type=float, default=0.6, help="lognormal sigma of the prompt length")
     p.add_argument("--output-len", default="16,128", help="synthetic max_tokens: min,max (uniform)")
+    p.add_argument("--output-lognormal", metavar="MEDIAN,SIGMA",
+                   help="synthetic max_tokens lognormal (clipped to --output-len) instead of uniform: "
+                        "a heavy tail like chat answers, e.g. 48,1.0")
     p.add_argument("--targets", default="ours,baseline", help="what to deploy and drive: ours, baseline")
     p.add_argument("--url", help="drive running servers instead: URL or name=URL, comma-separated")
     p.add_argument("--price-per-hour", type=float, default=1.0, help="machine price (USD/h) for $/M output tokens")
@@ -52,6 +55,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="flat AppConfig argument for ours (repeatable); the semantic cache is off unless cache=true")
     p.add_argument("--baseline-batch-size", type=int, default=32, help="baseline @serve.batch max_batch_size")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="baseline torch threads (0: what Ray gives its 1-CPU replica, i.e. 1)")
     p.add_argument("--baseline-wait-s", type=float, default=0.05, help="baseline @serve.batch batch_wait_timeout_s")
     p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc",
                    help="how Serve's HTTP proxy reaches the ingress replicas of both targets: gRPC "
@@ -103,7 +108,14 @@ def build_workload(args, count, max_len) -> tuple[list[workload.BenchRequest], d
         return reqs, {"trace": args.trace, **workload.describe(reqs), "trace_rate": workload.mean_rate(reqs)}
     med, lo, hi = (int(x) for x in _floats(args.prompt_len, 3, "--prompt-len"))
     omin, omax = (int(x) for x in _floats(args.output_len, 2, "--output-len"))
-    dist = workload.LengthDist(med, args.prompt_sigma, lo, hi, omin, omax)
+    omed, osigma = 48, 0.0
+    if args.output_lognormal:
+        m, osigma = _floats(args.output_lognormal, 2, "--output-lognormal")
+        omed = int(m)
+    try:
+        dist = workload.LengthDist(med, args.prompt_sigma, lo, hi, omin, omax, omed, osigma)
+    except ValueError as e:
+        raise SystemExit(f"workload: {e}") from None
     if max_len:
         dist = dist.fit_context(max_len - 8)  # NOTE: a little room for BOS and template tokens
     reqs = workload.synthetic_workload(args.num_requests, args.seed, dist, count)
@@ -169,9 +181,11 @@ def _deploy(target: str, args, model_path: str, port: int, meta: dict) -> str:
         return f"http://127.0.0.1:{port}"
     from bench.baseline import build_baseline_app
 
-    meta["baseline"] = {"max_batch_size": args.baseline_batch_size, "batch_wait_timeout_s": args.baseline_wait_s}
+    meta["baseline"] = {"max_batch_size": args.baseline_batch_size, "batch_wait_timeout_s": args.baseline_wait_s,
+                        "threads": args.baseline_threads or "default"}
     serve.run(build_baseline_app(model_path, max_batch_size=args.baseline_batch_size,
-                                 batch_wait_timeout_s=args.baseline_wait_s), name="baseline", route_prefix="/baseline")
+                                 batch_wait_timeout_s=args.baseline_wait_s, num_threads=args.baseline_threads),
+              name="baseline", route_prefix="/baseline")
     return f"http://127.0.0.1:{port}/baseline"
 
 

@@ -56,7 +56,9 @@ class LengthDist:
     """Prompt and output length distribution of the synthetic workload.
 
     Prompt lengths are lognormal (median `prompt_median`, log-space sigma `prompt_sigma`) clipped to
-    [`prompt_min`, `prompt_max`]; max_tokens is uniform over [`output_min`, `output_max`].
+    [`prompt_min`, `prompt_max`]. max_tokens is uniform over [`output_min`, `output_max`], or with
+    `output_sigma` > 0 lognormal (median `output_median`, sigma `output_sigma`) clipped to that
+    range: the heavy tail of chat answers (ShareGPT-like), where static batching waits longest.
     """
 
     prompt_median: int = 128
@@ -65,14 +67,18 @@ class LengthDist:
     prompt_max: int = 512
     output_min: int = 16
     output_max: int = 128
+    output_median: int = 48
+    output_sigma: float = 0.0  # 0: uniform max_tokens
 
     def __post_init__(self):
         if not 1 <= self.prompt_min <= self.prompt_median <= self.prompt_max:
             raise ValueError("need 1 <= prompt_min <= prompt_median <= prompt_max")
         if not 1 <= self.output_min <= self.output_max:
             raise ValueError("need 1 <= output_min <= output_max")
-        if self.prompt_sigma < 0:
-            raise ValueError("prompt_sigma must be >= 0")
+        if self.prompt_sigma < 0 or self.output_sigma < 0:
+            raise ValueError("prompt_sigma and output_sigma must be >= 0")
+        if self.output_sigma > 0 and not self.output_min <= self.output_median <= self.output_max:
+            raise ValueError("need output_min <= output_median <= output_max")
 
     def fit_context(self, max_model_len: int) -> "LengthDist":
         """Shrink the ranges so that the longest prompt plus the longest output fits the context."""
@@ -87,6 +93,8 @@ class LengthDist:
             prompt_max=prompt_max,
             output_min=min(self.output_min, output_max),
             output_max=output_max,
+            output_median=min(self.output_median, output_max),
+            output_sigma=self.output_sigma,
         )
 
 
@@ -134,7 +142,11 @@ def synthetic_workload(
     for _ in range(num_requests):
         raw = rng.lognormvariate(math.log(dist.prompt_median), dist.prompt_sigma)
         prompt_len = int(min(max(round(raw), dist.prompt_min), dist.prompt_max))
-        max_tokens = rng.randint(dist.output_min, dist.output_max)
+        if dist.output_sigma > 0:
+            raw = rng.lognormvariate(math.log(dist.output_median), dist.output_sigma)
+            max_tokens = int(min(max(round(raw), dist.output_min), dist.output_max))
+        else:
+            max_tokens = rng.randint(dist.output_min, dist.output_max)
         out.append(BenchRequest(make_prompt(rng, prompt_len, count_tokens), max_tokens, 0.0, prompt_len))
     return out
 

@@ -47,7 +47,7 @@ class ParallelConfig(_Frozen):
 
 
 class SchedulerConfig(_Frozen):
-    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_seqs: int = Field(default=128, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
     block_size: int = Field(default=16, ge=1)
     # KV capacity: an explicit number of blocks, or a per-rank memory budget in bytes.

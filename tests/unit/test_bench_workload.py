@@ -30,6 +30,17 @@ def test_synthetic_lengths_stay_in_range():
     assert min(r.prompt_len for r in reqs) == 10 and max(r.prompt_len for r in reqs) == 80
 
 
+def test_lognormal_output_lengths_have_a_heavy_tail():
+    dist = wl.LengthDist(prompt_median=20, prompt_min=10, prompt_max=40, output_min=8, output_max=256,
+                         output_median=48, output_sigma=1.0)
+    outs = sorted(r.max_tokens for r in wl.synthetic_workload(2000, seed=0, dist=dist))
+    assert outs[0] == 8 and outs[-1] == 256  # both clips reached
+    assert 40 <= outs[len(outs) // 2] <= 56  # median near 48
+    assert sum(outs) / len(outs) > 1.3 * outs[len(outs) // 2]  # the tail pulls the mean above the median
+    with pytest.raises(ValueError):
+        wl.LengthDist(output_min=8, output_max=64, output_median=100, output_sigma=1.0)
+
+
 @pytest.mark.parametrize("target", [1, 7, 50, 333])
 def test_make_prompt_hits_length_with_a_tokenizer(target):
     text = wl.make_prompt(random.Random(0), target, byte_count)
