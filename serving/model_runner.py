@@ -46,9 +46,9 @@ class StepInput:
     released_seq_ids: list[int] = field(default_factory=list)
 
 
-# Decode rows are attended in groups of at most this many sequences of similar context length: less
-# padding than one group padded to the longest context, and a group's gathered keys and values
-# (32 x context x heads x dim floats) stay small enough for the CPU's caches.
+# Decode rows are attended in groups of at most this many sequences of similar context length: each
+# group is padded only to its own longest context, not the batch's, and the scratch buffer it is
+# gathered into stays the size of one group.
 DECODE_GROUP_SIZE = 32
 
 
@@ -96,7 +96,7 @@ class StepTensors:
 @dataclass
 class _DecodeGroup:
     token_idx: torch.Tensor  # [n] the group's tokens in the step's packed batch
-    slots: torch.Tensor  # [n * width] their context slots, row after row (padded rows repeat slots)
+    slots: torch.Tensor  # [n * width] their context slots, row after row (past a row's end: any slot, masked)
     width: int  # longest context in the group
     mask: Optional[torch.Tensor]  # [n, 1, 1, width], None when every context is `width` long
 
