@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import socket
 from typing import Optional
 
 import ray
 
+# The rendezvous port is picked from below Linux's ephemeral range (32768-60999 by default): the
+# kernel hands out ephemeral ports to every connect() and every bind to port 0 (Serve's gRPC
+# servers, Ray's workers) between our check that a port is free and rank 0's listen on it. A
+# port from the ephemeral range was taken in that window once in CI (EADDRINUSE).
+RENDEZVOUS_PORTS = range(20000, 32000)
+
 
 def _free_port() -> int:
+    """A port that nobody listens on now, preferably outside the ephemeral range."""
+    for port in random.Random().sample(RENDEZVOUS_PORTS, 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
