@@ -48,6 +48,41 @@ class _Answer:
     finish_reason: str
 
 
+def static_generate(model, tokenizer, items: list[_Item]) -> list[_Answer]:
+    """One static batch: left-padded prompts, `generate` to the longest max_tokens of the batch.
+
+    Each answer keeps its own request's tokens (up to its max_tokens or first EOS), so only useful
+    tokens are counted, as the server's usage would."""
+    import torch
+
+    enc = tokenizer.pad({"input_ids": [it.token_ids for it in items]}, padding=True, return_tensors="pt")
+    first = items[0]
+    sampling: dict[str, Any] = {"do_sample": False}
+    if first.temperature > 0:
+        sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max(it.max_tokens for it in items),
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    new = out[:, enc["input_ids"].shape[1]:]  # [B, max_new]
+    eos = set(_eos_ids(model, tokenizer))
+    answers = []
+    for row, it in zip(new.tolist(), items):
+        row = row[: it.max_tokens]
+        cut = next((j for j, t in enumerate(row) if t in eos), None)
+        finish = "length" if cut is None else "stop"
+        kept = row if cut is None else row[:cut]
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        answers.append(_Answer(text, len(it.token_ids), len(row) if cut is None else cut + 1, finish))
+    return answers
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status)
 
@@ -64,7 +99,6 @@ class StaticBatchLLM:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self._torch = torch
         self.model_name = model_name or Path(model_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
@@ -116,32 +150,7 @@ class StaticBatchLLM:
         return await asyncio.to_thread(self._generate, items)
 
     def _generate(self, items: list[_Item]) -> list[_Answer]:
-        torch, tok = self._torch, self.tokenizer
-        enc = tok.pad({"input_ids": [it.token_ids for it in items]}, padding=True, return_tensors="pt")
-        first = items[0]
-        sampling: dict[str, Any] = {"do_sample": False}
-        if first.temperature > 0:
-            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max(it.max_tokens for it in items),
-                                      pad_token_id=tok.pad_token_id, **sampling)
-        new = out[:, enc["input_ids"].shape[1]:]  # [B, max_new]
-        eos = set(self._eos_ids())
-        answers = []
-        for row, it in zip(new.tolist(), items):
-            row = row[: it.max_tokens]
-            cut = next((j for j, t in enumerate(row) if t in eos), None)
-            finish = "length" if cut is None else "stop"
-            kept = row if cut is None else row[:cut]
-            text = tok.decode(kept, skip_special_tokens=True)
-            answers.append(_Answer(text, len(it.token_ids), len(row) if cut is None else cut + 1, finish))
-        return answers
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        return static_generate(self.model, self.tokenizer, items)
 
 
 def build_baseline_app(model_path: str, model_name: Optional[str] = None, max_batch_size: int = 8,
