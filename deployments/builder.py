@@ -35,6 +35,7 @@ def build_app(config: AppConfig) -> serve.Application:
         llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", **opts).bind(llm)
     caches = cache_partitions(config.cache) if config.cache.enabled else []
     return Router.options(num_replicas=config.router.num_replicas,
+                          ray_actor_options={"num_cpus": config.router.num_cpus},
                           max_ongoing_requests=config.router.max_ongoing_requests,
                           max_queued_requests=config.router.max_queued_requests).bind(llms, caches, config)
 

@@ -138,6 +138,9 @@ class LLMConfig(_Frozen):
 
 class RouterConfig(_Frozen):
     num_replicas: int = Field(default=1, ge=1)
+    # Ray CPUs reserved per router replica (Serve's default is 1: on a 2-core machine that left too
+    # little for the ranks of tensor_parallel_size=2, and `serve run` waited forever).
+    num_cpus: float = Field(default=0.25, gt=0)
     max_ongoing_requests: int = Field(default=512, ge=1)
     # Requests queued at the proxy beyond max_ongoing_requests; past this Serve answers 503.
     max_queued_requests: int = Field(default=2048, ge=1)

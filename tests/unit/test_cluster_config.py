@@ -174,3 +174,22 @@ def test_gpu_serve_config_overrides_name_real_deployments_that_fit_the_head(clus
     needs = [{"CPU": o.ray_actor_options.num_cpus, **o.ray_actor_options.resources} for o in overrides]
     assert all(set(n) >= {"CPU", "serve_head"} for n in needs)
     assert _fits(needs, head["resources"])
+
+
+def test_default_app_with_tp2_fits_a_two_core_laptop():
+    """Serve reserves 1 CPU per replica unless told otherwise; with that the router left too
+    little for two ranks on 2 CPUs and `serve run ... tensor_parallel_size=2` waited forever."""
+    from ray.serve._private.build_app import build_app as serve_build_app
+
+    from deployments.builder import build_app
+    from serving.config import AppConfig
+
+    built = serve_build_app(build_app(AppConfig.from_flat_args({"tensor_parallel_size": 2})), name="llm",
+                            make_deployment_handle=lambda d, a: None)
+    cpus = 0.0
+    for d in built.deployments:
+        bundles = d._replica_config.placement_group_bundles  # the replica's own bundle comes first
+        per_replica = sum(b.get("CPU", 0) for b in bundles) if bundles else d.ray_actor_options["num_cpus"]
+        cpus += per_replica * d._deployment_config.num_replicas
+    assert {d.name for d in built.deployments} == {"Router", "SemanticCache0", "LLMServer:embedded"}
+    assert cpus <= 2.0, cpus
