@@ -108,12 +108,12 @@ def build_workload(args, count, max_len) -> tuple[list[workload.BenchRequest], d
         return reqs, {"trace": args.trace, **workload.describe(reqs), "trace_rate": workload.mean_rate(reqs)}
     med, lo, hi = (int(x) for x in _floats(args.prompt_len, 3, "--prompt-len"))
     omin, omax = (int(x) for x in _floats(args.output_len, 2, "--output-len"))
-    omed, osigma = 48, 0.0
+    lognormal = {}
     if args.output_lognormal:
-        m, osigma = _floats(args.output_lognormal, 2, "--output-lognormal")
-        omed = int(m)
+        median, sigma = _floats(args.output_lognormal, 2, "--output-lognormal")
+        lognormal = {"output_median": int(median), "output_sigma": sigma}
     try:
-        dist = workload.LengthDist(med, args.prompt_sigma, lo, hi, omin, omax, omed, osigma)
+        dist = workload.LengthDist(med, args.prompt_sigma, lo, hi, omin, omax, **lognormal)
     except ValueError as e:
         raise SystemExit(f"workload: {e}") from None
     if max_len:

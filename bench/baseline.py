@@ -48,6 +48,18 @@ class _Answer:
     finish_reason: str
 
 
+def load_static_model(model_path: str, dtype: str = "float32"):
+    """(model, tokenizer) as the baseline uses them: the tokenizer pads on the left, EOS as pad."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval(), tokenizer
+
+
 def static_generate(model, tokenizer, items: list[_Item]) -> list[_Answer]:
     """One static batch: left-padded prompts, `generate` to the longest max_tokens of the batch.
 
@@ -95,16 +107,11 @@ class StaticBatchLLM:
     def __init__(self, model_path: str, model_name: Optional[str] = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.05, dtype: str = "float32", num_threads: int = 0):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_name = model_name or Path(model_path).name
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.model, self.tokenizer = load_static_model(model_path, dtype)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -62,16 +62,9 @@ def run_engine(model_path: str, prompts: list[list[int]], max_tokens: list[int],
 
 def run_static(model_path: str, prompts: list[list[int]], max_tokens: list[int], batch_size: int) -> tuple[int, float]:
     """(useful output tokens, seconds) for all requests in static batches of `batch_size`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench.baseline import _Item, load_static_model, static_generate
 
-    from bench.baseline import _Item, static_generate
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model, tok = load_static_model(model_path)
     items = [_Item(ids, n, 0.0, 1.0) for ids, n in zip(prompts, max_tokens)]
     static_generate(model, tok, [_Item(prompts[0], 4, 0.0, 1.0)])  # warmup
     start = time.perf_counter()

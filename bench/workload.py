@@ -140,15 +140,18 @@ def synthetic_workload(
     rng = random.Random(seed)
     out = []
     for _ in range(num_requests):
-        raw = rng.lognormvariate(math.log(dist.prompt_median), dist.prompt_sigma)
-        prompt_len = int(min(max(round(raw), dist.prompt_min), dist.prompt_max))
+        prompt_len = _clipped_lognormal(rng, dist.prompt_median, dist.prompt_sigma, dist.prompt_min, dist.prompt_max)
         if dist.output_sigma > 0:
-            raw = rng.lognormvariate(math.log(dist.output_median), dist.output_sigma)
-            max_tokens = int(min(max(round(raw), dist.output_min), dist.output_max))
+            max_tokens = _clipped_lognormal(rng, dist.output_median, dist.output_sigma, dist.output_min,
+                                            dist.output_max)
         else:
             max_tokens = rng.randint(dist.output_min, dist.output_max)
         out.append(BenchRequest(make_prompt(rng, prompt_len, count_tokens), max_tokens, 0.0, prompt_len))
     return out
+
+
+def _clipped_lognormal(rng: random.Random, median: int, sigma: float, lo: int, hi: int) -> int:
+    return int(min(max(round(rng.lognormvariate(math.log(median), sigma)), lo), hi))
 
 
 def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[float]:
