@@ -56,7 +56,7 @@ class SchedulerConfig(_Frozen):
     # Requests waiting beyond this are refused with 429 (never queued without bound).
     max_waiting_requests: int = Field(default=2048, ge=1)
     # Minimum seconds between two stream items of one request (tokens go out in small groups;
-    # each item costs a Ray object per hop). 0 = one item per token.
+    # each item costs CPU in every Serve hop). 0 = one item per token.
     stream_interval_s: float = Field(default=0.05, ge=0.0, le=1.0)
     # Under load the interval grows so that all streams of a replica together send at most this
     # many items per second (each item costs CPU in every Serve hop; 0 = no bound). At 64

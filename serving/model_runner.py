@@ -12,6 +12,7 @@ tensor parallelism each rank holds only its heads.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -62,19 +63,17 @@ class StepTensors:
         # [B, max_context_len] flat slot (block * block_size + offset) of every context position
         context_slots = (table[:, :, None] * bs + torch.arange(bs, device=device)).view(num_seqs, -1)
         self.context_slots = context_slots[:, :max(inp.context_lens)]
+        starts = [0, *itertools.accumulate(inp.query_lens)]  # first token of each sequence, then the total
         q = torch.tensor(inp.query_lens, device=device)
-        ends = q.cumsum(0)
+        first = torch.tensor(starts[:-1], device=device)
         row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q)  # [T] sequence of each token
         computed = torch.tensor(inp.context_lens, device=device) - q
         self.input_ids = torch.tensor(inp.token_ids, dtype=torch.long, device=device)  # [T]
-        self.positions = torch.arange(int(ends[-1]), device=device) - (ends - q)[row] + computed[row]  # [T]
+        self.positions = torch.arange(starts[-1], device=device) - first[row] + computed[row]  # [T]
         self.slot_mapping = self.context_slots[row, self.positions]  # [T]
-        self.logits_indices = (ends - 1)[torch.tensor(inp.sample_rows, dtype=torch.long, device=device)]  # [S]
+        # [S] the last new token of each sampled sequence
+        self.logits_indices = torch.tensor([starts[i + 1] - 1 for i in inp.sample_rows], dtype=torch.long, device=device)
 
-        starts, s = [], 0
-        for n in inp.query_lens:
-            starts.append(s)
-            s += n
         # (first token, query length, context length, row) of every sequence with more than one new token
         self.prefill = [(starts[i], n, inp.context_lens[i], i) for i, n in enumerate(inp.query_lens) if n != 1]
         decode = sorted((i for i, n in enumerate(inp.query_lens) if n == 1), key=lambda i: inp.context_lens[i])
@@ -132,8 +131,9 @@ class KVPools:
 
         NOTE: gathering into fresh tensors cost a third of a decode step at batch 128 here: each
         allocation of several MB is new pages that the kernel must fault in and zero."""
-        if self._scratch is None or self._scratch[0].shape[0] < rows:
-            shape = (max(rows, 2 * (0 if self._scratch is None else self._scratch[0].shape[0])),) + tuple(like.shape[1:])
+        have = 0 if self._scratch is None else self._scratch[0].shape[0]
+        if have < rows:
+            shape = (max(rows, 2 * have), *like.shape[1:])  # at least doubling: few reallocations
             self._scratch = (torch.empty(shape, dtype=like.dtype, device=like.device),
                              torch.empty(shape, dtype=like.dtype, device=like.device))
         return self._scratch[0][:rows], self._scratch[1][:rows]
