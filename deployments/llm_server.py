@@ -34,7 +34,12 @@ class LLMServer:
         self.info = load_model_info(config.model)
         self.tokenizer = load_tokenizer(self.info.path)
         num_blocks = num_kv_blocks_for(config, self.info)
-        self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
+        if config.parallel.executor == "instant":  # the benchmark stand-in (bench/capacity.py)
+            from serving.executor import InstantExecutor
+
+            self.group = InstantExecutor(self.info.vocab_size)
+        else:
+            self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
         engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,

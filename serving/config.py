@@ -44,6 +44,10 @@ class ParallelConfig(_Frozen):
     use_compiled_graph: Optional[bool] = None
     # Seconds a single engine step may take before the worker group is considered hung.
     step_timeout_s: float = Field(default=120.0, gt=0)
+    # "model" runs the model. "instant" is a benchmark stand-in, never for serving: it answers every
+    # step at once with made-up tokens and loads no weights, so a benchmark over the served stack
+    # measures what the serving path itself can carry (`python -m bench.capacity`).
+    executor: Literal["model", "instant"] = "model"
 
 
 class SchedulerConfig(_Frozen):
@@ -210,6 +214,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "num_cpus_per_worker": ("parallel", "num_cpus_per_worker"),
     "num_threads_per_worker": ("parallel", "num_threads_per_worker"),
     "use_compiled_graph": ("parallel", "use_compiled_graph"),
+    "executor": ("parallel", "executor"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "block_size": ("scheduler", "block_size"),

@@ -30,6 +30,28 @@ class LocalExecutor:
         pass
 
 
+class InstantExecutor:
+    """A benchmark stand-in, never a default: every step returns one made-up token per sampled
+    sequence at once, with no model. Tokens are ordinary vocabulary ids past the special ones,
+    so detokenizing them costs what real text costs."""
+
+    last_model_time_s = 0.0
+
+    def __init__(self, vocab_size: int):
+        self.first_id = min(256, vocab_size // 4)  # NOTE: past the special ids of common vocabularies
+        self.span = vocab_size - self.first_id
+
+    def execute(self, inp: StepInput) -> list[int]:
+        return [self.first_id + (31 * seq_id + 7 * inp.context_lens[row]) % self.span
+                for seq_id, row in zip(inp.seq_ids, inp.sample_rows)]
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 def build_local_engine(config: LLMConfig) -> LLMEngine:
     if config.parallel.num_threads_per_worker:
         import torch
