@@ -40,12 +40,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def run_engine(model_path: str, prompts: list[list[int]], max_tokens: list[int], max_num_seqs: int) -> tuple[int, float]:
     """(useful output tokens, seconds) for all requests through the engine."""
     from serving.config import LLMConfig, ModelConfig, SchedulerConfig
-    from serving.executor import build_local_engine
+    from parallel.build import build_engine
     from serving.sampling import SamplingParams
 
     config = LLMConfig(model=ModelConfig(path=model_path),
                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(512, max_num_seqs)))
-    engine = build_local_engine(config)
+    engine = build_engine(config)
     engine.add_request("warmup", prompts[0], SamplingParams(max_tokens=4, temperature=0.0))
     while engine.has_unfinished():
         engine.step()

@@ -24,7 +24,7 @@ def build_app(config: AppConfig) -> serve.Application:
     from deployments.cache import cache_partitions
     from deployments.llm_server import LLMServer, LLMServerDeployment
     from deployments.router import Router
-    from parallel.worker_group import resolve_device
+    from parallel.build import resolve_device
 
     llms = {}
     for llm in config.models:

@@ -25,44 +25,38 @@ logger = logging.getLogger("ray.serve")
 class LLMServer:
     def __init__(self, config: LLMConfig):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from parallel.worker_group import WorkerGroup, resolve_device
+        from parallel.build import build_engine
         from serving.async_engine import AsyncEngine
-        from serving.engine import LLMEngine, num_kv_blocks_for
-        from serving.model_loader import load_model_info, load_tokenizer
 
         self.config = config
-        self.info = load_model_info(config.model)
-        self.tokenizer = load_tokenizer(self.info.path)
-        num_blocks = num_kv_blocks_for(config, self.info)
-        if config.parallel.executor == "instant":  # the benchmark stand-in (bench/capacity.py)
-            from serving.executor import InstantExecutor
-
-            self.group = InstantExecutor(self.info.vocab_size)
-        else:
-            self.group = WorkerGroup(config, self.info.path, num_blocks, resolve_device(config))
-        engine = LLMEngine(config, self.info, self.tokenizer, self.group, num_blocks)
+        engine = build_engine(config)
+        self.info, self.tokenizer = engine.info, engine.tokenizer
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
                                   stream_interval_s=config.scheduler.stream_interval_s,
-                                  max_stream_items_per_s=config.scheduler.max_stream_items_per_s)
+                                  max_stream_items_per_s=config.scheduler.max_stream_items_per_s,
+                                  step_timeout_s=config.parallel.step_timeout_s)
         self.num_requests = 0
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
-        logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d", self.info.name,
-                    config.parallel.tensor_parallel_size, num_blocks)
+        logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s", self.info.name,
+                    config.parallel.tensor_parallel_size, engine.blocks.num_blocks, config.parallel.executor)
 
     @classmethod
     def deployment_options(cls, config: LLMConfig, device: str) -> dict:
         """Serve options for this model: name, replicas or autoscaling, and the placement-group
-        bundles (one for the replica, one per rank)."""
+        bundles: bundle 0 is the replica itself, which is rank 0, then one per further rank."""
         from parallel.worker_group import worker_bundles
 
         serve_opts = config.serve
+        bundles = worker_bundles(config, device)
+        if config.parallel.tensor_parallel_size > 1:  # transitional: every rank still an actor
+            bundles = [{"CPU": 0.1}] + bundles
         opts: dict = {
             "max_ongoing_requests": serve_opts.max_ongoing_requests,
             "health_check_period_s": serve_opts.health_check_period_s,
             "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
-            "ray_actor_options": {"num_cpus": 0.1},
-            "placement_group_bundles": [{"CPU": 0.1}] + worker_bundles(config, device),
+            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+            "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
         }
         if serve_opts.num_replicas is not None:
@@ -113,10 +107,12 @@ class LLMServer:
 
     async def stats(self) -> dict:
         """Counters of this replica (requests that reached the engine, KV blocks in use)."""
-        blocks = self.engine.engine.blocks
         steps = list(self.recent_steps)
-        out = {"num_requests": self.num_requests, "num_kv_blocks": blocks.num_blocks,
-               "num_kv_blocks_free": blocks.num_free_blocks, "num_pending": self.engine.num_pending}
+        last = steps[-1] if steps else None
+        num_blocks = self.engine.engine.blocks.num_blocks  # NOTE: fixed at start; the step thread owns the rest
+        out = {"num_requests": self.num_requests, "num_kv_blocks": num_blocks,
+               "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
+               "num_pending": self.engine.num_pending}
         if steps:  # medians over the last (up to) 256 steps, in seconds
             for name in ("step_time_s", "forward_time_s", "model_time_s", "num_seqs"):
                 out[f"recent_{name}_p50"] = statistics.median(getattr(s, name) for s in steps)
@@ -128,18 +124,19 @@ class LLMServer:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if self.engine.error is not None:
             raise RuntimeError(f"engine failed: {self.engine.error}")
-        await asyncio.get_running_loop().run_in_executor(None, self.group.check_health)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
 
-    def _on_step(self, stats, engine) -> None:
-        self.recent_steps.append(stats)
-        self.telemetry.record_step(stats)
-        while engine.finished_stats:
-            self.telemetry.record_request(engine.finished_stats.pop())
+    def _on_step(self, stats, finished) -> None:
+        if stats is not None:
+            self.recent_steps.append(stats)
+            self.telemetry.record_step(stats)
+        for request in finished:
+            self.telemetry.record_request(request)
 
     def __del__(self):
         try:
             self.engine.shutdown()
-            self.group.shutdown()
+            self.engine.engine.executor.shutdown()
         except Exception:
             pass
 

@@ -14,6 +14,8 @@ from typing import Optional
 
 import ray
 
+from serving.step import StepInput, StepOutput
+
 # The rendezvous port is picked from below Linux's ephemeral range (32768-60999 by default): the
 # kernel hands out ephemeral ports to every connect() and every bind to port 0 (Serve's gRPC
 # servers, Ray's workers) between our check that a port is free and rank 0's listen on it. A
@@ -65,10 +67,9 @@ class TPWorker:
         self.step_runner = StepRunner(model, num_kv_blocks, block_size, device, samples=self.rank == 0)
         return sum(p.numel() for p in model.parameters())
 
-    def execute(self, step_input) -> Optional[tuple[list[int], float]]:
-        """Rank 0: (tokens, seconds spent in forward and sampling); other ranks: None."""
-        tokens = self.step_runner.execute(step_input)
-        return None if tokens is None else (tokens, self.step_runner.last_time_s)
+    def execute(self, step_input: StepInput) -> Optional[StepOutput]:
+        """Rank 0: the sampled tokens; other ranks: None."""
+        return self.step_runner.execute(step_input)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

@@ -16,21 +16,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.worker import TPWorker
 from serving.config import LLMConfig
+from serving.step import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(config: LLMConfig) -> str:
-    if config.parallel.device != "auto":
-        return config.parallel.device
-    try:
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
-            return "cuda"
-    except Exception:
-        pass
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def worker_bundles(config: LLMConfig, device: str) -> list[dict]:
@@ -45,7 +33,6 @@ class WorkerGroup:
                  first_bundle: int = 1, load_timeout_s: float = 900.0):
         par = config.parallel
         self.step_timeout_s = par.step_timeout_s
-        self.last_model_time_s = 0.0  # rank 0's forward + sampling time in the last step
         self._own_pg = None
         pg = get_current_placement_group()
         if pg is None:  # outside a Serve replica with bundles: make our own
@@ -75,13 +62,12 @@ class WorkerGroup:
             dag = MultiOutputNode([w.execute.bind(step_input) for w in self.workers])
         return dag.experimental_compile()
 
-    def execute(self, step_input) -> list[int]:
+    def execute(self, step_input: StepInput) -> StepOutput:
         if self._dag is not None:
             results = ray.get(self._dag.execute(step_input), timeout=self.step_timeout_s)
         else:
             results = ray.get([w.execute.remote(step_input) for w in self.workers], timeout=self.step_timeout_s)
-        tokens, self.last_model_time_s = results[0]
-        return tokens
+        return results[0]
 
     def check_health(self, timeout_s: float = 10.0) -> None:
         """Raises if any rank is dead or does not answer (on its own concurrency group)."""

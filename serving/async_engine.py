@@ -1,9 +1,14 @@
-"""The engine behind an asyncio event loop: a step thread plus one stream per request.
+"""The engine behind an asyncio event loop: a step thread, a watchdog, and one stream per request.
 
 The engine is single-threaded: one dedicated thread runs `step()` back to back, and requests are
 added and aborted only between steps (queued under a lock by the event loop, applied by the step
-thread). Each step's outputs go to the event loop in one callback. So the event loop never blocks
-on a forward pass, the next step never waits for the event loop, and the engine never sees two threads.
+thread). Each step's outputs, and the stats of the requests that ended, go to the event loop in
+one callback. So the event loop never blocks on a forward pass, the next step never waits for the
+event loop, and the engine's state is touched by one thread only.
+
+A watchdog thread turns a hung step (a rank that died inside a collective) into an error: every
+request in flight ends with 503 and the engine stays failed, so the health check fails and Serve
+replaces the replica.
 """
 
 from __future__ import annotations
@@ -18,24 +23,65 @@ from serving.engine import LLMEngine
 from serving.errors import InvalidRequestError, OverloadedError, ServingError, UnavailableError
 from serving.protocol import GenerationOutput
 from serving.sampling import SamplingParams
-from serving.stats import StepStats
+from serving.stats import RequestStats, StepStats
 
 logger = logging.getLogger(__name__)
+
+# A step running longer than this gets its ranks pinged by the watchdog (`executor.check_health`).
+PROBE_AFTER_S = 2.0
+
+
+class _Stream:
+    """One request's outputs on the event loop: what the step thread produced and the consumer has
+    not taken yet, merged into one item (fewer, bigger items when the consumer is slower)."""
+
+    __slots__ = ("texts", "token_ids", "last", "error", "wake", "holding")
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.last: Optional[GenerationOutput] = None  # the newest output not yet taken
+        self.error: Optional[BaseException] = None
+        self.wake = asyncio.Event()  # set when the consumer should look
+        self.holding = False  # the consumer is spacing its items (see AsyncEngine.generate)
+
+    def add(self, out: GenerationOutput) -> None:
+        self.texts.append(out.text)
+        self.token_ids += out.token_ids
+        self.last = out
+        if not self.holding or out.finished:  # NOTE: a finished request's last item never waits
+            self.wake.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.wake.set()
+
+    def take(self) -> GenerationOutput:
+        out, self.last = self.last, None
+        if len(self.texts) > 1:
+            out = GenerationOutput(out.request_id, "".join(self.texts), self.token_ids, out.finished,
+                                   out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)
+        self.texts, self.token_ids = [], []
+        return out
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int,
-                 on_step: Optional[Callable[[StepStats, LLMEngine], None]] = None, stream_interval_s: float = 0.0,
-                 max_stream_items_per_s: float = 0.0):
+                 on_step: Optional[Callable[[Optional[StepStats], list[RequestStats]], None]] = None,
+                 stream_interval_s: float = 0.0, max_stream_items_per_s: float = 0.0,
+                 step_timeout_s: float = 120.0):
         self.engine = engine
-        # Minimum time between two items of one stream (the first goes out at once): every stream
-        # item costs CPU in every Serve hop, so tokens are sent in small groups (Ray Serve LLM:
-        # 50 ms), and in bigger groups when many streams share the replica (`_stream_interval`).
+        # Minimum time between two items of one stream: every stream item costs CPU in every Serve
+        # hop, so tokens go out in small groups, bigger ones when many streams share the replica
+        # (`_stream_interval`). The first item and a finished request's last item never wait.
         self.stream_interval_s = stream_interval_s
         self.max_stream_items_per_s = max_stream_items_per_s
         self.max_waiting_requests = max_waiting_requests
-        self.on_step = on_step  # called on the event loop after each step
-        self._streams: dict[str, asyncio.Queue] = {}  # event-loop side only
+        self.step_timeout_s = step_timeout_s
+        # Called on the event loop after each step with its stats (None when only aborts were
+        # applied) and the stats of the requests that ended.
+        self.on_step = on_step
+        self._streams: dict[str, _Stream] = {}  # event-loop side only
         self._lock = threading.Lock()  # guards _to_add and _to_abort
         self._to_add: list[tuple] = []
         self._to_abort: set[str] = set()
@@ -43,6 +89,7 @@ class AsyncEngine:
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped = False
+        self._step_started: Optional[float] = None  # monotonic start of the step in flight, if any
         self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
 
     @property
@@ -59,35 +106,37 @@ class AsyncEngine:
         if request_id in self._streams:
             raise InvalidRequestError(f"duplicate request id {request_id!r}: one is already in flight")
         self.engine.check_request(prompt_token_ids, params)  # 4xx now, not from inside the loop
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream = _Stream()
+        self._streams[request_id] = stream
         with self._lock:
             self._to_add.append((request_id, prompt_token_ids, params, time.monotonic()))
-        self._ensure_thread()
+        self._ensure_threads()
         self._work.set()
         finished = False
         try:
             while True:
-                item = await queue.get()
-                # NOTE: outputs that piled up while the consumer was busy go out as one (fewer,
-                # bigger stream items under load; one item per token when the consumer keeps up).
-                while not isinstance(item, BaseException) and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        queue.put_nowait(nxt)
-                        break
-                    item = _merge(item, nxt)
-                if isinstance(item, BaseException):
-                    raise item
+                if stream.last is None and stream.error is None:
+                    stream.wake.clear()
+                    await stream.wake.wait()
+                if stream.last is None:  # NOTE: tokens produced before a failure go out first
+                    raise stream.error
+                item = stream.take()
                 finished = item.finished
                 yield item
                 if finished:
                     return
                 interval = self._stream_interval()
-                if interval > 0:
-                    await asyncio.sleep(interval)
+                if interval > 0:  # space the items out; a finish or an error cuts the wait short
+                    stream.holding = True
+                    stream.wake.clear()
+                    try:
+                        async with asyncio.timeout(interval):
+                            await stream.wake.wait()
+                    except TimeoutError:
+                        pass
+                    stream.holding = False
         finally:
-            if self._streams.get(request_id) is queue:
+            if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
             if not finished:
                 with self._lock:
@@ -95,20 +144,23 @@ class AsyncEngine:
                 self._work.set()
 
     def _stream_interval(self) -> float:
-        """Seconds before a stream's next item: at least `stream_interval_s`, and long enough that
+        """Seconds between a stream's items: at least `stream_interval_s`, and long enough that
         all open streams together send at most `max_stream_items_per_s` items a second."""
         if self.max_stream_items_per_s <= 0:
             return self.stream_interval_s
         return max(self.stream_interval_s, len(self._streams) / self.max_stream_items_per_s)
 
-    def _ensure_thread(self) -> None:
+    def _ensure_threads(self) -> None:
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
             self._thread.start()
+            threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
+
+    # ---- step thread ----------------------------------------------------------------------------
 
     def _apply_pending(self) -> None:
-        """Step thread: adds and aborts queued since the last step."""
+        """Adds and aborts queued since the last step."""
         with self._lock:
             adds, self._to_add = self._to_add, []
             aborts, self._to_abort = self._to_abort, set()
@@ -118,49 +170,81 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request_id, ids, params, arrival)
             except ServingError as e:
-                self._loop.call_soon_threadsafe(self._deliver, request_id, e)
+                self._loop.call_soon_threadsafe(self._deliver_error, request_id, e)
         for request_id in aborts:
             self.engine.abort(request_id)
 
     def _run(self) -> None:
-        """Step thread: step while there is work, sleep on `_work` while there is none."""
-        while not self._stopped:
+        """Step while there is work, sleep on `_work` while there is none."""
+        while not self._stopped and self.error is None:
             self._apply_pending()
             if not self.engine.has_unfinished():
+                finished = self.engine.take_finished()  # aborted before or between steps
+                if finished:
+                    self._loop.call_soon_threadsafe(self._publish, [], None, finished)
                 self._work.wait(timeout=1.0)
                 self._work.clear()  # NOTE: work queued before a set() is picked up by the next _apply_pending
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs, stats = self.engine.step()
-            except Exception as e:  # a rank died or hung: fail everything in flight, stay unhealthy
+            except Exception as e:  # a rank died or failed: fail everything in flight, stay unhealthy
                 logger.exception("engine step failed")
-                self.error = e
-                self._loop.call_soon_threadsafe(self._fail_all, e)
+                self._fail(e)
                 return
-            self._loop.call_soon_threadsafe(self._publish, outputs, stats)
+            finally:
+                self._step_started = None
+            if self.error is not None:  # the watchdog gave up on this step while it ran
+                return
+            self._loop.call_soon_threadsafe(self._publish, outputs, stats, self.engine.take_finished())
 
-    # ---- event-loop side ----------------------------------------------------------------------
+    # ---- watchdog thread ------------------------------------------------------------------------
 
-    def _deliver(self, request_id: str, item) -> None:
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+    def _watch(self) -> None:
+        """Fails the engine when a step hangs: past `step_timeout_s`, or once a long step's ranks
+        do not all answer a ping. NOTE: it cannot stop the stuck step; it ends the requests and
+        makes the replica unhealthy so that Serve replaces it."""
+        while not self._stopped and self.error is None:
+            time.sleep(0.5)
+            started = self._step_started
+            if started is None:
+                continue
+            elapsed = time.monotonic() - started
+            if elapsed > self.step_timeout_s:
+                self._fail(UnavailableError(f"an engine step hung for more than {self.step_timeout_s:.0f} s"))
+            elif elapsed > PROBE_AFTER_S:
+                try:
+                    self.engine.executor.check_health()
+                except Exception as e:
+                    if self._step_started == started:
+                        self._fail(UnavailableError(f"a rank stopped answering during a step: {e}"))
 
-    def _publish(self, outputs: list[GenerationOutput], stats: StepStats) -> None:
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    # ---- event-loop side ------------------------------------------------------------------------
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.fail(error)
+
+    def _publish(self, outputs: list[GenerationOutput], stats: Optional[StepStats],
+                 finished: list[RequestStats]) -> None:
+        streams = self._streams
         for out in outputs:
-            self._deliver(out.request_id, out)
+            stream = streams.get(out.request_id)
+            if stream is not None:
+                stream.add(out)
         if self.on_step is not None:
-            self.on_step(stats, self.engine)
+            self.on_step(stats, finished)
 
     def _fail_all(self, e: BaseException) -> None:
-        for request_id in list(self._streams):
-            self._deliver(request_id, UnavailableError(f"engine failed: {e}"))
+        for stream in self._streams.values():
+            stream.fail(e if isinstance(e, ServingError) else UnavailableError(f"engine failed: {e}"))
 
     def shutdown(self) -> None:
         self._stopped = True
         self._work.set()
-
-
-def _merge(a: GenerationOutput, b: GenerationOutput) -> GenerationOutput:
-    """`a` then `b` as one output."""
-    return b.model_copy(update={"text": a.text + b.text, "token_ids": a.token_ids + b.token_ids})

@@ -8,25 +8,19 @@ into per-request outputs (new text, finish reason). Streaming and `generate` are
 from __future__ import annotations
 
 import time
-from typing import Optional, Protocol
+from typing import Optional
 
 from serving.block_manager import BlockManager
 from serving.config import LLMConfig
 from serving.detokenizer import IncrementalDetokenizer
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.model_loader import ModelInfo
-from serving.model_runner import StepInput
 from serving.protocol import GenerationOutput
 from serving.sampling import SamplingParams
 from serving.scheduler import ScheduledBatch, Scheduler
 from serving.sequence import Sequence
 from serving.stats import RequestStats, StepStats
-
-
-class Executor(Protocol):
-    last_model_time_s: float  # rank 0's forward + sampling time in the last execute()
-
-    def execute(self, inp: StepInput) -> list[int]: ...
+from serving.step import Executor, StepInput
 
 
 def num_kv_blocks_for(config: LLMConfig, info: ModelInfo) -> int:
@@ -48,7 +42,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._released: list[int] = []  # seq ids whose sampler state the ranks may drop
-        self.finished_stats: list[RequestStats] = []  # drained by the owner (metrics)
+        self._finished_stats: list[RequestStats] = []  # taken by the owner (metrics): take_finished()
 
     # ---- the three verbs ----------------------------------------------------------------------
 
@@ -99,13 +93,13 @@ class LLMEngine:
                     seq.stats.first_scheduled_time = now
             inp, sampled = self._build_input(batch)
             t1 = time.perf_counter()
-            tokens = self.executor.execute(inp)
+            result = self.executor.execute(inp)
             stats.forward_time_s = time.perf_counter() - t1
-            stats.model_time_s = self.executor.last_model_time_s
+            stats.model_time_s = result.model_time_s
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
             now = time.monotonic()
-            for seq, token in zip(sampled, tokens):
+            for seq, token in zip(sampled, result.token_ids):
                 outputs.append(self._append_token(seq, token, now))
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
@@ -115,6 +109,11 @@ class LLMEngine:
         return outputs, stats
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def take_finished(self) -> list[RequestStats]:
+        """Stats of the requests that ended since the last call (call from the engine's thread)."""
+        done, self._finished_stats = self._finished_stats, []
+        return done
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -186,6 +185,6 @@ class LLMEngine:
         seq.stats.finished_time = time.monotonic()
         seq.stats.finish_reason = reason
         seq.stats.num_output_tokens = seq.num_output_tokens
-        self.finished_stats.append(seq.stats)
-        if len(self.finished_stats) > 10_000:  # bounded when nobody drains it
-            del self.finished_stats[:5_000]
+        self._finished_stats.append(seq.stats)
+        if len(self._finished_stats) > 10_000:  # bounded when nobody takes them
+            del self._finished_stats[:5_000]

@@ -14,37 +14,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from serving.step import StepInput, StepOutput
+
 ATTN_NAME = "engine_paged"
-
-
-@dataclass
-class StepInput:
-    """Everything a rank needs for one step; built by the engine, identical on every rank.
-
-    Plain lists, turned into tensors on each rank (`StepTensors`): pickling torch tensors through a
-    Ray call cost ~40 ms here, small lists well under 1 ms.
-    """
-
-    token_ids: list[int]  # [T] the step's new tokens, sequence after sequence
-    query_lens: list[int]  # [B] new tokens per sequence (1 = decode)
-    context_lens: list[int]  # [B] tokens per sequence after this step (cached + new)
-    block_tables: list[list[int]]  # [B][num_blocks] each sequence's KV blocks, in order
-    block_size: int
-    sample_rows: list[int]  # [S] sequences whose last new token is sampled
-    # Sampling, one entry per sampled sequence (same order as sample_rows).
-    seq_ids: list[int] = field(default_factory=list)
-    temperatures: list[float] = field(default_factory=list)
-    top_ps: list[float] = field(default_factory=list)
-    top_ks: list[int] = field(default_factory=list)
-    seeds: list[Optional[int]] = field(default_factory=list)
-    # Sequences that ended since the last step: their per-request RNG state can go.
-    released_seq_ids: list[int] = field(default_factory=list)
 
 
 # Decode rows are attended in groups of at most this many sequences of similar context length: each
@@ -214,15 +192,13 @@ class StepRunner:
 
         self.runner = ModelRunner(model, num_blocks, block_size, device)
         self.sampler = Sampler(device) if samples else None
-        self.last_time_s = 0.0
 
-    def execute(self, inp: StepInput) -> Optional[list[int]]:
-        """The sampled tokens (None on ranks that do not sample); sets `last_time_s`."""
+    def execute(self, inp: StepInput) -> Optional[StepOutput]:
+        """Rank 0's sampled tokens and model time; None on ranks that do not sample."""
         t0 = time.perf_counter()
         logits = self.runner.forward(inp)
-        tokens = None
-        if self.sampler is not None:
-            self.sampler.release(inp.released_seq_ids)
-            tokens = self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)
-        self.last_time_s = time.perf_counter() - t0
-        return tokens
+        if self.sampler is None:
+            return None
+        self.sampler.release(inp.released_seq_ids)
+        tokens = self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)
+        return StepOutput(tokens, time.perf_counter() - t0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -272,13 +273,17 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class GenerationOutput(BaseModel):
-    """One streamed step of a generation, as the LLM server yields it (engine-level, not OpenAI)."""
+@dataclass(slots=True)
+class GenerationOutput:
+    """One stream item of a generation, as the LLM server yields it (engine-level, not OpenAI).
+
+    NOTE: a slotted dataclass, not a pydantic model: one is made per sequence per step and pickled
+    once per item per Serve hop; this is the serving path's hot loop."""
 
     request_id: str
     text: str  # new text since the previous output (never a partial UTF-8 character)
-    token_ids: list[int] = Field(default_factory=list)  # new token ids
+    token_ids: list[int] = field(default_factory=list)  # new token ids
     finished: bool = False
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: Optional[str] = None  # "stop", "length" or "abort" once finished
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

@@ -10,7 +10,8 @@ from serving.async_engine import AsyncEngine
 from serving.config import LLMConfig, ModelConfig, SchedulerConfig
 from serving.engine import LLMEngine
 from serving.errors import ContextLengthError, InvalidRequestError, OverloadedError, UnavailableError
-from serving.executor import LocalExecutor, build_local_engine
+from parallel.build import build_engine
+from serving.executor import LocalExecutor
 from serving.model_loader import load_model_info, load_tokenizer
 from serving.sampling import SamplingParams
 
@@ -25,7 +26,7 @@ def config(model_path: str, max_num_seqs: int = 4) -> LLMConfig:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return build_local_engine(config(tiny_model))
+    return build_engine(config(tiny_model))
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ def test_concurrent_streams_finish_with_the_right_tokens(engine):
     steps = []
 
     async def main():
-        ae = AsyncEngine(engine, max_waiting_requests=64, on_step=lambda stats, eng: steps.append(stats))
+        ae = AsyncEngine(engine, max_waiting_requests=64, on_step=lambda stats, finished: steps.append(stats))
         try:
             return await asyncio.gather(*(collect(ae.generate(f"a{i}", p, greedy(max_tokens[i])))
                                           for i, p in enumerate(PROMPTS)))
@@ -97,6 +98,27 @@ def test_stream_interval_grows_with_the_number_of_streams(engine):
     assert AsyncEngine(engine, 64, stream_interval_s=0.05)._stream_interval() == 0.05  # no bound
 
 
+def test_the_first_and_last_items_never_wait_for_the_interval(engine):
+    """A 1 s interval between items: the first goes out at once, and the finish cuts the wait
+    short, so a 3-token request takes far less than the interval, in at most two items."""
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64, stream_interval_s=1.0)
+        try:
+            t0 = time.monotonic()
+            outs, first_at = [], None
+            async for out in ae.generate("quick", PROMPTS[0], greedy(3)):
+                first_at = first_at or time.monotonic() - t0
+                outs.append(out)
+            return outs, first_at, time.monotonic() - t0
+        finally:
+            ae.shutdown()
+
+    outs, first_at, elapsed = asyncio.run(main())
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 3
+    assert len(outs) <= 2
+    assert first_at < 0.5 and elapsed < 0.5
+
+
 def test_a_stream_items_budget_merges_tokens_into_fewer_items(engine):
     """8 streams under a budget of 8 items/s: after its first item each stream waits ~1 s, by when
     the tiny model has produced all its tokens, which then go out merged as one item."""
@@ -119,8 +141,10 @@ def test_a_stream_items_budget_merges_tokens_into_fewer_items(engine):
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 def test_a_consumer_that_goes_away_aborts_its_request(engine, how):
+    finished = []
+
     async def main():
-        ae = AsyncEngine(engine, max_waiting_requests=64)
+        ae = AsyncEngine(engine, max_waiting_requests=64, on_step=lambda stats, done: finished.extend(done))
         try:
             agen = ae.generate(f"gone-{how}", PROMPTS[5], greedy(900))
             if how == "aclose":
@@ -146,13 +170,13 @@ def test_a_consumer_that_goes_away_aborts_its_request(engine, how):
             ae.shutdown()
 
     asyncio.run(main())
-    stats = engine.finished_stats[-1]
+    stats = finished[-1]
     assert stats.request_id == f"gone-{how}" and stats.finish_reason == "abort"
     assert stats.num_output_tokens < 900
 
 
 def test_too_many_waiting_requests_are_refused(tiny_model):
-    engine = build_local_engine(config(tiny_model, max_num_seqs=1))
+    engine = build_engine(config(tiny_model, max_num_seqs=1))
 
     async def main():
         ae = AsyncEngine(engine, max_waiting_requests=2)
@@ -188,19 +212,21 @@ def test_request_errors_come_before_the_stream(engine):
 
 
 def test_a_duplicate_request_id_leaves_the_first_request_alone(engine):
-    num_finished = len(engine.finished_stats)
+    finished = []
 
     async def main():
-        ae = AsyncEngine(engine, max_waiting_requests=64)
+        ae = AsyncEngine(engine, max_waiting_requests=64, on_step=lambda stats, done: finished.extend(done))
         first = ae.generate("same", PROMPTS[1], greedy(10))
         try:
-            await first.__anext__()
+            head = await first.__anext__()
             with pytest.raises(InvalidRequestError, match="duplicate"):
                 await collect(ae.generate("same", PROMPTS[2], greedy(3)))
-            await wait_for(lambda: len(engine.finished_stats) > num_finished)
-            assert engine.finished_stats[num_finished].finish_reason == "length"
-            rest = await asyncio.wait_for(collect(first), 10)
-            assert rest[-1].num_output_tokens == 10
+            await wait_for(lambda: len(finished) > 0)
+            assert finished[0].finish_reason == "length"
+            # NOTE: the first item may already hold all 10 tokens, merged, when the engine ran ahead
+            rest = [] if head.finished else await asyncio.wait_for(collect(first), 10)
+            outs = [head, *rest]
+            assert outs[-1].num_output_tokens == 10 and sum(len(o.token_ids) for o in outs) == 10
         finally:
             await first.aclose()
             ae.shutdown()

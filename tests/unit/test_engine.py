@@ -10,7 +10,7 @@ import torch
 from serving.config import LLMConfig, ModelConfig, SchedulerConfig
 from serving.detokenizer import REPLACEMENT
 from serving.errors import ContextLengthError, InvalidRequestError
-from serving.executor import build_local_engine
+from parallel.build import build_engine
 from serving.sampling import SamplingParams
 
 FIRST_TEXT_ID = 7  # ids 0-6 are the tiny tokenizer's special tokens
@@ -28,7 +28,7 @@ class Engines:
     def __call__(self, block_size=4, num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=16):
         key = (block_size, num_kv_blocks, max_num_seqs, max_num_batched_tokens)
         if key not in self.built:
-            self.built[key] = build_local_engine(LLMConfig(
+            self.built[key] = build_engine(LLMConfig(
                 model=ModelConfig(path=self.model_path, dtype="float32"),
                 scheduler=SchedulerConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens)))
@@ -173,14 +173,14 @@ def test_many_queued_requests_all_complete_and_return_their_blocks(engines):
     requests = [(f"q{i}", [rng.randrange(FIRST_TEXT_ID, vocab) for _ in range(rng.randint(1, 24))],
                  SamplingParams(max_tokens=rng.randint(1, 6), temperature=rng.choice([0.0, 0.8])), 0)
                 for i in range(200)]
-    num_finished_before = len(engine.finished_stats)
+    engine.take_finished()
     results, stats = run(engine, requests)
     for rid, _, params, _ in requests:
         assert results[rid]["reason"] == "length"
         assert len(results[rid]["tokens"]) == params.max_tokens
     assert max(s.num_kv_blocks_used for s in stats) <= SMALL_KV["num_kv_blocks"]
     assert max(s.num_running for s in stats) <= 8
-    assert len(engine.finished_stats) - num_finished_before == 200
+    assert len(engine.take_finished()) == 200
     assert_idle(engine)
 
 
@@ -195,7 +195,7 @@ def test_abort_frees_blocks_at_once(engines):
     assert a_blocks == 3  # the 12 prompt tokens in blocks of 4
     engine.abort("a")
     assert engine.blocks.num_used_blocks == used - a_blocks
-    assert engine.finished_stats[-1].finish_reason == "abort"
+    assert engine.take_finished()[-1].finish_reason == "abort"
     outputs, stats = engine.step()
     assert [o.request_id for o in outputs] == ["b"] and stats.num_running == 1
     engine.add_request("c", c, SamplingParams(max_tokens=50))

@@ -21,10 +21,10 @@ def tiny(tmp_path_factory):
 
 def test_thousand_requests_against_small_block_budget(tiny):
     from serving.async_engine import AsyncEngine
-    from serving.executor import build_local_engine
+    from parallel.build import build_engine
 
     num_blocks = 64  # 512 token slots for 1000 requests needing ~15000
-    engine = build_local_engine(LLMConfig(
+    engine = build_engine(LLMConfig(
         model=ModelConfig(path=tiny),
         scheduler=SchedulerConfig(block_size=8, num_kv_blocks=num_blocks, max_num_seqs=32,
                                   max_num_batched_tokens=256, max_waiting_requests=1000)))

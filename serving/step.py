@@ -1,0 +1,57 @@
+"""The step contract between the engine and whatever runs the model: the wire types and the
+`Executor` protocol. Plain Python, no torch: every rank receives the same `StepInput`, rank 0
+answers with a `StepOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+
+@dataclass
+class StepInput:
+    """Everything a rank needs for one step; built by the engine, identical on every rank.
+
+    Plain lists, turned into tensors on each rank (`serving.model_runner.StepTensors`): they pickle
+    in microseconds, where torch tensors through a Ray call cost ~40 ms here.
+    """
+
+    token_ids: list[int]  # [T] the step's new tokens, sequence after sequence
+    query_lens: list[int]  # [B] new tokens per sequence (1 = decode)
+    context_lens: list[int]  # [B] tokens per sequence after this step (cached + new)
+    block_tables: list[list[int]]  # [B][num_blocks] each sequence's KV blocks, in order
+    block_size: int
+    sample_rows: list[int]  # [S] sequences whose last new token is sampled
+    # Sampling, one entry per sampled sequence (same order as sample_rows).
+    seq_ids: list[int] = field(default_factory=list)
+    temperatures: list[float] = field(default_factory=list)
+    top_ps: list[float] = field(default_factory=list)
+    top_ks: list[int] = field(default_factory=list)
+    seeds: list[Optional[int]] = field(default_factory=list)
+    # Sequences that ended since the last step: their per-request RNG state can go.
+    released_seq_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """Rank 0's answer to one step."""
+
+    token_ids: list[int]  # [S] one sampled token per sampled sequence, in sample_rows order
+    model_time_s: float = 0.0  # rank 0's forward + sampling (no transport)
+
+
+class Executor(Protocol):
+    """Runs steps on every rank of one model replica. Built by `parallel.build.build_executor`."""
+
+    def execute(self, inp: StepInput) -> StepOutput:
+        """Runs one step on every rank; raises if a rank failed."""
+        ...
+
+    def check_health(self) -> None:
+        """Raises if any rank is dead or does not answer."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stops every rank; the executor is unusable afterwards."""
+        ...
