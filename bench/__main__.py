@@ -189,25 +189,42 @@ def _deploy(target: str, args, model_path: str, port: int, meta: dict) -> str:
     return f"http://127.0.0.1:{port}/baseline"
 
 
+@contextlib.contextmanager
+def serving_cluster(num_cpus: int, proxy_transport: str = "grpc", verbose: bool = False):
+    """A Ray cluster of `num_cpus` with Serve on a free port of 127.0.0.1; yields the port.
+
+    The process environment goes to every Ray process (RAY_SERVE_* settings such as
+    RAY_SERVE_ENABLE_HA_PROXY=1 take effect this way)."""
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    root = str(Path(__file__).resolve().parent.parent)
+    # NOTE: read by the proxy process when it starts, which inherits this environment via ray.init
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if proxy_transport == "grpc" else "0"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
 def deploy_and_drive(args, model_path: str, points, extra_body, meta: dict) -> list[client.RunResult]:
     """Start a Ray cluster and Serve on a free port; deploy, drive and delete each target in turn."""
-    import ray
     from ray import serve
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - {"ours", "baseline"}
     if unknown:
         raise SystemExit(f"--targets: unknown {sorted(unknown)} (known: ours, baseline)")
-    port = _free_port()
-    root = str(Path(__file__).resolve().parent.parent)
-    # NOTE: read by the proxy process when it starts, which inherits this environment via ray.init
-    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if args.proxy_transport == "grpc" else "0"
     meta["proxy_transport"] = args.proxy_transport
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}})
+    meta["serve_env"] = serve_env()
     runs: list[client.RunResult] = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with serving_cluster(args.num_cpus, args.proxy_transport, args.verbose) as port:
         for target in targets:
             tqdm.write(f"deploying {target} (model {model_path}) ...")
             t = time.perf_counter()
@@ -222,10 +239,12 @@ def deploy_and_drive(args, model_path: str, points, extra_body, meta: dict) -> l
             tqdm.write(f"{target} deployed in {time.perf_counter() - t:.0f}s at {url}")
             runs += drive(target, url, points, args, extra_body)
             serve.delete(target)  # NOTE: one target at a time, so the two never share the CPUs
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return runs
+
+
+def serve_env() -> dict[str, str]:
+    """The RAY_SERVE_* settings of this process (and so of the cluster it starts)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -59,25 +59,33 @@ def workloads(args, count) -> list[tuple[str, list[workload.BenchRequest]]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from bench.__main__ import deploy_and_drive, resolve_model, token_counter
+    from bench import cpu
+    from bench.__main__ import _deploy, drive, resolve_model, serve_env, serving_cluster, token_counter
 
     args = parse_args(argv)
     model_path = resolve_model(args.model)
     count, _ = token_counter(model_path)
     named = workloads(args, count)
     drive_args = argparse.Namespace(
-        targets="ours", ours_arg=[*args.ours_arg, "executor=instant", "cache=false"], mode="closed",
-        warmup=4, no_stream=False, timeout=args.timeout, proxy_transport=args.proxy_transport,
-        num_cpus=args.num_cpus, verbose=args.verbose, price_per_hour=0.0)
-    meta = {"notes": []}
-    runs = deploy_and_drive(drive_args, model_path, [(args.concurrency, r) for _, r in named], None, meta)
+        ours_arg=[*args.ours_arg, "executor=instant", "cache=false"], mode="closed", warmup=4, no_stream=False,
+        timeout=args.timeout, price_per_hour=0.0)
+    meta: dict = {"notes": []}
+    results = []
+    with serving_cluster(args.num_cpus, args.proxy_transport, args.verbose) as port:
+        url = _deploy("ours", drive_args, model_path, port, meta)
+        for name, reqs in named:
+            before = cpu.snapshot()
+            run = drive("ours", url, [(args.concurrency, reqs)], drive_args, None)[0]
+            results.append((name, run, cpu.delta(before, cpu.snapshot())))
+            drive_args.warmup = 0
     command = "python -m bench.capacity " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n# Serving capacity (stand-in executor)\n\n- command: {command}\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n"
-          f"- ours: {meta.get('ours_args')}\n- {args.concurrency} streams, {args.prompt_tokens}-token prompts\n")
+          f"- ours: {meta.get('ours_args')}\n- Serve settings: {serve_env()}\n"
+          f"- {args.concurrency} streams, {args.prompt_tokens}-token prompts\n")
     print("| workload | ok/err | req/s | out tok/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
           "| E2E p50 (ms) | E2E p95 (ms) | chunks/req |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (name, _), run in zip(named, runs):
+    for name, run, _ in results:
         row = report.summarize(run, 0.0)
         ok = [r for r in run.results if r.ok]
         chunks = sum(r.num_chunks for r in ok) / max(1, len(ok))
@@ -85,12 +93,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {name} | {row['num_ok']}/{row['num_errors']} | {row['request_throughput']:.1f} | "
               f"{row['output_tokens_per_s']:.0f} | {ms('ttft_p50_s')} | {ms('ttft_p95_s')} | {ms('itl_p50_s')} | "
               f"{ms('itl_p95_s')} | {ms('e2e_p50_s')} | {ms('e2e_p95_s')} | {chunks:.1f} |")
-        if name == "tokens" and row["itl_p50_s"] is not None and row["itl_p50_s"] > ITL_BAR_S:
-            print(f"\nnote: ITL p50 {1e3 * row['itl_p50_s']:.0f} ms is above {1e3 * ITL_BAR_S:.0f} ms: "
-                  "streams are chunkier than the bar allows")
-    for note in meta["notes"]:
-        print(f"- {note}")
-    return 0 if runs and all(any(r.ok for r in run.results) for run in runs) else 1
+    for name, run, spent in results:
+        ok = [r for r in run.results if r.ok]
+        tokens = sum(r.output_tokens for r in ok)
+        print(f"\nCPU during '{name}' ({run.duration_s:.1f} s, {len(ok)} requests, {tokens} tokens): "
+              "ms of CPU per request by process")
+        print("| process | CPU s | cores | ms/request |\n|---|---|---|---|")
+        for label, secs in spent.items():
+            print(f"| {label} | {secs:.2f} | {secs / run.duration_s:.2f} | {1e3 * secs / max(1, len(ok)):.2f} |")
+    itl = report.summarize(results[0][1], 0.0)["itl_p50_s"] if results else None
+    if itl is not None and itl > ITL_BAR_S:
+        print(f"\nnote: ITL p50 {1e3 * itl:.0f} ms (tokens workload) is above {1e3 * ITL_BAR_S:.0f} ms: "
+              "streams are chunkier than the bar allows")
+    return 0 if results and all(any(r.ok for r in run.results) for _, run, _ in results) else 1
 
 
 if __name__ == "__main__":

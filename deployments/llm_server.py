@@ -38,6 +38,7 @@ class LLMServer:
                                   step_timeout_s=config.parallel.step_timeout_s)
         self.num_requests = 0
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
+        self.last_stats = None  # the newest StepStats the step thread handed over
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s", self.info.name,
                     config.parallel.tensor_parallel_size, engine.blocks.num_blocks, config.parallel.executor)
 
@@ -49,8 +50,6 @@ class LLMServer:
 
         serve_opts = config.serve
         bundles = worker_bundles(config, device)
-        if config.parallel.tensor_parallel_size > 1:  # transitional: every rank still an actor
-            bundles = [{"CPU": 0.1}] + bundles
         opts: dict = {
             "max_ongoing_requests": serve_opts.max_ongoing_requests,
             "health_check_period_s": serve_opts.health_check_period_s,
@@ -108,7 +107,7 @@ class LLMServer:
     async def stats(self) -> dict:
         """Counters of this replica (requests that reached the engine, KV blocks in use)."""
         steps = list(self.recent_steps)
-        last = steps[-1] if steps else None
+        last = self.last_stats
         num_blocks = self.engine.engine.blocks.num_blocks  # NOTE: fixed at start; the step thread owns the rest
         out = {"num_requests": self.num_requests, "num_kv_blocks": num_blocks,
                "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
@@ -127,9 +126,10 @@ class LLMServer:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
 
     def _on_step(self, stats, finished) -> None:
-        if stats is not None:
+        self.last_stats = stats
+        if stats.num_seqs:
             self.recent_steps.append(stats)
-            self.telemetry.record_step(stats)
+        self.telemetry.record_step(stats)
         for request in finished:
             self.telemetry.record_request(request)
 

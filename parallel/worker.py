@@ -1,26 +1,40 @@
-"""One tensor-parallel rank: a Ray actor holding its shard of the model and its share of the KV cache.
+"""One tensor-parallel rank: its shard of the model, its share of the KV cache, its end of the step
+channel; and `TPWorker`, the Ray actor that is each of ranks 1..N-1.
 
-Every rank runs the same `execute(step_input)` in lockstep (the all-reduces inside the sharded
-layers keep them together); only rank 0 samples and returns tokens.
+Rank 0 is the engine's own process (parallel/worker_group.py) and runs the same `load_rank`. Each
+step, rank 0 broadcasts the `StepInput` on the `StepChannel` and every rank runs it in lockstep
+(the all-reduces inside the sharded layers keep them together); only rank 0 samples.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import socket
+from datetime import timedelta
 from typing import Optional
 
 import ray
 
-from serving.step import StepInput, StepOutput
+from serving.step import StepInput
 
 # The rendezvous port is picked from below Linux's ephemeral range (32768-60999 by default): the
 # kernel hands out ephemeral ports to every connect() and every bind to port 0 (Serve's gRPC
 # servers, Ray's workers) between our check that a port is free and rank 0's listen on it. A
 # port from the ephemeral range was taken in that window once in CI (EADDRINUSE).
 RENDEZVOUS_PORTS = range(20000, 32000)
+
+# NOTE: ranks 1..N-1 wait inside a broadcast on the step channel while the server is idle, and a
+# gloo op fails once it has waited longer than its group's timeout (seen with 2 s: the waiting
+# rank raised after 2.0 s). Ten years is far from where the deadline (int64 nanoseconds of
+# steady_clock) overflows, about 292 years.
+CHANNEL_TIMEOUT = timedelta(days=3650)
+
+MIN_MESSAGE_BYTES = 1 << 14  # the step channel's first buffer (it grows to fit the biggest step)
+
+_joined = False  # this process has been a rank of some group (see _shard)
 
 
 def _free_port() -> int:
@@ -37,61 +51,100 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@ray.remote(concurrency_groups={"health": 1})
-class TPWorker:
-    def __init__(self, rank: int, world_size: int, device: str, num_threads: int = 0):
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
-        if num_threads:
-            import torch
+class StepChannel:
+    """Rank 0 -> ranks 1..N-1: each step's `StepInput`, or None to stop, pickled and broadcast.
 
-            torch.set_num_threads(num_threads)
-        self.step_runner = None
+    A message is one broadcast of a uint8 buffer [capacity]: the payload's length (8 bytes), then
+    the payload. A payload too big for it goes as its length alone; then both sides grow the buffer
+    to fit (powers of two, never shrinking) and the message follows in it. So a step costs one
+    broadcast (measured: one 0.1 ms, two 0.25-1.3 ms; tests/integration/test_step_channel.py).
+    The channel has a gloo group of its own: on CUDA the model's group is NCCL while the payload
+    is on the CPU, and the idle wait needs its long timeout (CHANNEL_TIMEOUT).
+    NOTE: one message at a time, from one thread of rank 0 (WorkerGroup's lock).
+    """
 
-    def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), _free_port()
+    def __init__(self):
+        import torch.distributed as dist
 
-    def load(self, master_addr: str, master_port: int, model_path: str, dtype: str, num_kv_blocks: int,
-             block_size: int, replace_with_kernel_inject: bool = False) -> int:
-        """Loads this rank's shard; all ranks must call it at the same time (they rendezvous)."""
-        from serving.model_loader import load_model
-        from serving.model_runner import StepRunner
+        self.group = dist.new_group(backend="gloo", timeout=CHANNEL_TIMEOUT)
+        self._resize(MIN_MESSAGE_BYTES)
 
-        device = "cuda" if self.device == "cuda" else "cpu"
-        model = load_model(model_path, dtype, device)
-        if self.world_size > 1:
-            model = _shard(model, self.rank, self.world_size, master_addr, master_port, dtype,
-                           device, replace_with_kernel_inject)
-        self.step_runner = StepRunner(model, num_kv_blocks, block_size, device, samples=self.rank == 0)
-        return sum(p.numel() for p in model.parameters())
+    def _resize(self, num_bytes: int) -> None:
+        import torch
 
-    def execute(self, step_input: StepInput) -> Optional[StepOutput]:
-        """Rank 0: the sampled tokens; other ranks: None."""
-        return self.step_runner.execute(step_input)
+        self._buf = torch.zeros(num_bytes, dtype=torch.uint8)
+        self._view = memoryview(self._buf.numpy())
 
-    @ray.method(concurrency_group="health")
-    def ping(self) -> int:
-        return self.rank
+    def _broadcast(self) -> int:
+        """Broadcasts the buffer from rank 0; returns the payload length it carries."""
+        import torch.distributed as dist
+
+        dist.broadcast(self._buf, 0, group=self.group)
+        return int.from_bytes(self._view[:8], "little")
+
+    def _fits(self, n: int) -> bool:
+        return 8 + n <= len(self._view)
+
+    def _grow(self, n: int) -> None:
+        self._resize(1 << (8 + n - 1).bit_length())  # the next power of two that holds 8 + n bytes
+
+    def send(self, inp: Optional[StepInput]) -> None:
+        payload = pickle.dumps(inp, protocol=pickle.HIGHEST_PROTOCOL)
+        n = len(payload)
+        self._view[:8] = n.to_bytes(8, "little")
+        if not self._fits(n):
+            self._broadcast()  # the length alone, so that every rank grows its buffer
+            self._grow(n)
+            self._view[:8] = n.to_bytes(8, "little")
+        self._view[8:8 + n] = payload
+        self._broadcast()
+
+    def recv(self) -> Optional[StepInput]:
+        n = self._broadcast()
+        if not self._fits(n):
+            self._grow(n)
+            self._broadcast()
+        return pickle.loads(self._view[8:8 + n])
+
+
+def load_rank(rank: int, world_size: int, master_addr: str, master_port: int, model_path: str, dtype: str,
+              num_kv_blocks: int, block_size: int, device: str, replace_with_kernel_inject: bool,
+              timeout_s: float):
+    """This process's shard as (StepRunner, StepChannel). Every rank must call it at the same time:
+    they rendezvous at `master_addr:master_port` (waiting up to `timeout_s`)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    from serving.model_loader import load_model
+    from serving.model_runner import StepRunner
+
+    model = _shard(load_model(model_path, dtype, device), rank, world_size, master_addr, master_port, dtype,
+                   device, replace_with_kernel_inject, timeout_s)
+    return StepRunner(model, num_kv_blocks, block_size, device, samples=rank == 0), StepChannel()
 
 
 def _shard(model, rank: int, world_size: int, master_addr: str, master_port: int, dtype: str, device: str,
-           replace_with_kernel_inject: bool):
+           replace_with_kernel_inject: bool, timeout_s: float):
     """Joins the process group and splits `model` with DeepSpeed-Inference AutoTP."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
+    global _joined
+    # NOTE: DeepSpeed keeps its communication state per process: `deepspeed.comm`'s backend stays
+    # "initialized" after torch's group is destroyed, and the shared-memory all-reduce (C++
+    # statics) stays bound to the first group's size and peers. A second group would hang.
+    if _joined:
+        raise RuntimeError("this process was already a tensor-parallel rank; a new worker group needs a fresh process")
+    _joined = True
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
-        # NOTE: each CUDA actor sees only its own GPU; on CPU, LOCAL_SIZE must be the world size
+        # NOTE: each CUDA rank sees only its own GPU; on CPU, LOCAL_SIZE must be the world size
         # or DeepSpeed's shared-memory all-reduce crashes (NOTES.md).
         "LOCAL_RANK": "0" if device == "cuda" else str(rank),
         "LOCAL_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
     })
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s))
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world_size},
                                       dtype=getattr(torch, dtype),
                                       replace_with_kernel_inject=replace_with_kernel_inject)
@@ -107,3 +160,35 @@ def _shard(model, rank: int, world_size: int, master_addr: str, master_port: int
                 pass
     dist.barrier()
     return engine.module
+
+
+@ray.remote(concurrency_groups={"health": 1})
+class TPWorker:
+    """Rank 1..N-1: `load` (with rank 0), then one `run` call for the group's life; `ping` answers
+    on its own thread, also while `run` is inside a step."""
+
+    def __init__(self, rank: int, world_size: int, device: str, num_threads: int = 0):
+        assert rank > 0, "rank 0 is the engine's own process"
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+
+    def load(self, master_addr: str, master_port: int, model_path: str, dtype: str, num_kv_blocks: int,
+             block_size: int, replace_with_kernel_inject: bool, timeout_s: float) -> None:
+        self.step_runner, self.channel = load_rank(self.rank, self.world_size, master_addr, master_port,
+                                                   model_path, dtype, num_kv_blocks, block_size, self.device,
+                                                   replace_with_kernel_inject, timeout_s)
+
+    def run(self) -> None:
+        """Runs every step rank 0 broadcasts, until it sends stop. NOTE: idle, it blocks in gloo's
+        receive (no CPU used)."""
+        while (inp := self.channel.recv()) is not None:
+            self.step_runner.execute(inp)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> None:
+        pass

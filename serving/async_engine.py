@@ -67,7 +67,7 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int,
-                 on_step: Optional[Callable[[Optional[StepStats], list[RequestStats]], None]] = None,
+                 on_step: Optional[Callable[[StepStats, list[RequestStats]], None]] = None,
                  stream_interval_s: float = 0.0, max_stream_items_per_s: float = 0.0,
                  step_timeout_s: float = 120.0):
         self.engine = engine
@@ -78,14 +78,20 @@ class AsyncEngine:
         self.max_stream_items_per_s = max_stream_items_per_s
         self.max_waiting_requests = max_waiting_requests
         self.step_timeout_s = step_timeout_s
-        # Called on the event loop after each step with its stats (None when only aborts were
-        # applied) and the stats of the requests that ended.
+        # Called on the event loop after each step with its stats and the stats of the requests
+        # that ended; also when only aborts were applied (stats of no step: num_seqs 0).
         self.on_step = on_step
         self._streams: dict[str, _Stream] = {}  # event-loop side only
         self._lock = threading.Lock()  # guards _to_add and _to_abort
         self._to_add: list[tuple] = []
         self._to_abort: set[str] = set()
         self._work = threading.Event()
+        # NOTE: set when the event loop has taken the last step's outputs. The step thread waits
+        # for it before handing over the next step's, so it never runs more than one step ahead
+        # of the event loop: a fast step (a tiny model, an accelerator) cannot starve the loop of
+        # the GIL, and outputs never pile up in callbacks that the loop has not run yet.
+        self._taken = threading.Event()
+        self._taken.set()
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped = False
@@ -180,8 +186,8 @@ class AsyncEngine:
             self._apply_pending()
             if not self.engine.has_unfinished():
                 finished = self.engine.take_finished()  # aborted before or between steps
-                if finished:
-                    self._loop.call_soon_threadsafe(self._publish, [], None, finished)
+                if finished and self.on_step is not None:
+                    self._loop.call_soon_threadsafe(self.on_step, self.engine.current_stats(), finished)
                 self._work.wait(timeout=1.0)
                 self._work.clear()  # NOTE: work queued before a set() is picked up by the next _apply_pending
                 continue
@@ -196,6 +202,10 @@ class AsyncEngine:
                 self._step_started = None
             if self.error is not None:  # the watchdog gave up on this step while it ran
                 return
+            while not self._taken.wait(timeout=0.5):
+                if self._stopped:
+                    return
+            self._taken.clear()
             self._loop.call_soon_threadsafe(self._publish, outputs, stats, self.engine.take_finished())
 
     # ---- watchdog thread ------------------------------------------------------------------------
@@ -231,13 +241,13 @@ class AsyncEngine:
         if stream is not None:
             stream.fail(error)
 
-    def _publish(self, outputs: list[GenerationOutput], stats: Optional[StepStats],
-                 finished: list[RequestStats]) -> None:
+    def _publish(self, outputs: list[GenerationOutput], stats: StepStats, finished: list[RequestStats]) -> None:
         streams = self._streams
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is not None:
                 stream.add(out)
+        self._taken.set()
         if self.on_step is not None:
             self.on_step(stats, finished)
 

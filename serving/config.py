@@ -37,11 +37,6 @@ class ParallelConfig(_Frozen):
     num_threads_per_worker: int = Field(default=0, ge=0)
     # DeepSpeed kernel injection (CUDA only; must keep the same outputs).
     replace_with_kernel_inject: bool = False
-    # Drive the ranks through a Ray compiled graph (shared-memory channels: ~1.5 ms per step instead of
-    # ~4 ms for plain actor calls here), or plain actor calls. None = compiled on CUDA only: a
-    # compiled-graph reader waits by spinning, so on CPU the driver and every idle rank each burn a
-    # core the forward needs (measured on 2 cores: 464 vs 530 output tokens/s, docs/notes.md).
-    use_compiled_graph: Optional[bool] = None
     # Seconds a single engine step may take before the worker group is considered hung.
     step_timeout_s: float = Field(default=120.0, gt=0)
     # "model" runs the model. "instant" is a benchmark stand-in, never for serving: it answers every
@@ -213,7 +208,6 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "device": ("parallel", "device"),
     "num_cpus_per_worker": ("parallel", "num_cpus_per_worker"),
     "num_threads_per_worker": ("parallel", "num_threads_per_worker"),
-    "use_compiled_graph": ("parallel", "use_compiled_graph"),
     "executor": ("parallel", "executor"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),

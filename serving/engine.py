@@ -101,14 +101,22 @@ class LLMEngine:
             now = time.monotonic()
             for seq, token in zip(sampled, result.token_ids):
                 outputs.append(self._append_token(seq, token, now))
-        stats.num_running = len(self.scheduler.running)
-        stats.num_waiting = len(self.scheduler.waiting)
-        stats.num_kv_blocks_used = self.blocks.num_used_blocks
-        stats.num_kv_blocks_free = self.blocks.num_free_blocks
+        self._fill_counts(stats)
         stats.step_time_s = time.perf_counter() - t0
         return outputs, stats
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def current_stats(self) -> StepStats:
+        """The queue and KV counts now, outside any step (num_seqs 0)."""
+        return self._fill_counts(StepStats())
+
+    def _fill_counts(self, stats: StepStats) -> StepStats:
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.num_kv_blocks_used = self.blocks.num_used_blocks
+        stats.num_kv_blocks_free = self.blocks.num_free_blocks
+        return stats
 
     def take_finished(self) -> list[RequestStats]:
         """Stats of the requests that ended since the last call (call from the engine's thread)."""
