@@ -63,18 +63,62 @@ def _usage(out: GenerationOutput) -> Usage:
                  total_tokens=out.num_prompt_tokens + out.num_output_tokens)
 
 
-async def _sse(first, rest) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them, ending with `data: [DONE]`."""
+async def _sse(first: str, rest) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them (`rest` yields finished `data:` lines), ending with
+    `data: [DONE]`; an error mid-stream becomes an error event."""
     try:
-        yield f"data: {first.model_dump_json()}\n\n"
-        async for chunk in rest:
-            yield f"data: {chunk.model_dump_json()}\n\n"
+        yield first
+        async for line in rest:
+            yield line
     except Exception as e:
         err = as_serving_error(e) or ServingError(f"internal error: {type(e).__name__}")
         yield f"data: {json.dumps(err.to_dict())}\n\n"
     finally:
         await rest.aclose()
     yield "data: [DONE]\n\n"
+
+
+_TEXT = "\u2063TEXT\u2063"  # a placeholder that no generated text equals
+
+
+class _Chunks:
+    """One stream's OpenAI chunks, as pydantic objects (handles) or as SSE lines (HTTP).
+
+    NOTE: the middle chunks of a stream (new text only) are most of its items; their SSE line is
+    a template made once per stream with the text spliced in, not a pydantic model per item."""
+
+    def __init__(self, request: AnyRequest):
+        self.request = request
+        self.is_chat = isinstance(request, ChatCompletionRequest)
+        self.id = random_id("chatcmpl" if self.is_chat else "cmpl")
+        self.created = int(time.time())
+        self._template: Optional[tuple[str, str]] = None
+
+    def chunk(self, out: GenerationOutput, cached: bool, first: bool):
+        request = self.request
+        reason = out.finish_reason if out.finished else None
+        ids = out.token_ids if request.return_token_ids and not cached else None
+        if self.is_chat:
+            delta = DeltaMessage(role="assistant" if first else None, content=out.text)
+            return ChatCompletionChunk(id=self.id, created=self.created, model=request.model, cached=cached,
+                                       choices=[ChatChunkChoice(delta=delta, finish_reason=reason, token_ids=ids)])
+        return CompletionChunk(id=self.id, created=self.created, model=request.model, cached=cached,
+                               choices=[CompletionChoice(text=out.text, finish_reason=reason, token_ids=ids)])
+
+    def usage_chunk(self, out: GenerationOutput, cached: bool):
+        cls = ChatCompletionChunk if self.is_chat else CompletionChunk
+        return cls(id=self.id, created=self.created, model=self.request.model, choices=[], usage=_usage(out),
+                   cached=cached)
+
+    def sse_line(self, out: GenerationOutput, cached: bool, first: bool) -> str:
+        if first or out.finished or cached or self.request.return_token_ids:
+            return f"data: {self.chunk(out, cached, first).model_dump_json()}\n\n"
+        if self._template is None:
+            line = f"data: {self.chunk(GenerationOutput('', _TEXT), False, False).model_dump_json()}\n\n"
+            head, _, tail = line.partition(json.dumps(_TEXT, ensure_ascii=False))
+            self._template = (head, tail)
+        head, tail = self._template
+        return head + json.dumps(out.text, ensure_ascii=False) + tail
 
 
 # NOTE: Serve pickles the ingress class by value; helpers it calls must be defined above it.
@@ -128,7 +172,7 @@ class Router:
                 raise _validation_error(e)
             if not request.stream:
                 return JSONResponse((await self._complete(request)).model_dump())
-            stream = self._stream_chunks(request)
+            stream = self._sse_lines(request)
             first = await stream.__anext__()  # errors before the first chunk still get a status code
             return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
         except Exception as e:
@@ -243,27 +287,28 @@ class Router:
 
     async def _stream_chunks(self, request: AnyRequest):
         """OpenAI stream chunks; the last carries finish_reason, then (if asked) a usage chunk."""
-        is_chat = isinstance(request, ChatCompletionRequest)
-        rid = random_id("chatcmpl" if is_chat else "cmpl")
-        created = int(time.time())
+        chunks = _Chunks(request)
+        async for out, cached, first in self._stream_items(request):
+            yield chunks.chunk(out, cached, first)
+            if out.finished and request.include_usage:
+                yield chunks.usage_chunk(out, cached)
+
+    async def _sse_lines(self, request: AnyRequest):
+        """The same chunks as `_stream_chunks`, as SSE `data:` lines."""
+        chunks = _Chunks(request)
+        async for out, cached, first in self._stream_items(request):
+            yield chunks.sse_line(out, cached, first)
+            if out.finished and request.include_usage:
+                yield f"data: {chunks.usage_chunk(out, cached).model_dump_json()}\n\n"
+
+    async def _stream_items(self, request: AnyRequest):
+        """(output, cached, first) for every output a stream sends (an empty middle one is not)."""
         first = True
         async for out, cached in self._with_timeout(request):
             if not out.text and not out.finished and not first and not request.return_token_ids:
                 continue
-            reason = out.finish_reason if out.finished else None
-            ids = out.token_ids if request.return_token_ids and not cached else None
-            if is_chat:
-                delta = DeltaMessage(role="assistant" if first else None, content=out.text)
-                yield ChatCompletionChunk(id=rid, created=created, model=request.model, cached=cached, choices=[
-                    ChatChunkChoice(delta=delta, finish_reason=reason, token_ids=ids)])
-            else:
-                yield CompletionChunk(id=rid, created=created, model=request.model, cached=cached, choices=[
-                    CompletionChoice(text=out.text, finish_reason=reason, token_ids=ids)])
+            yield out, cached, first
             first = False
-            if out.finished and request.include_usage:
-                cls = ChatCompletionChunk if is_chat else CompletionChunk
-                yield cls(id=rid, created=created, model=request.model, choices=[], usage=_usage(out),
-                          cached=cached)
 
     async def _with_timeout(self, request: AnyRequest):
         """The outputs, with a bound on the wait for each one (never a hung request)."""

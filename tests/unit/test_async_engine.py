@@ -2,6 +2,7 @@
 and a failing worker group. pytest-asyncio is not used: each test runs its own event loop."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -274,3 +275,50 @@ def test_a_failing_executor_fails_requests_in_flight(tiny_model):
             ae.shutdown()
 
     asyncio.run(main())
+
+
+class HangingExecutor(LocalExecutor):
+    """Stand-in for a worker group whose step never returns (a rank died inside a collective)."""
+
+    def __init__(self, *args, good_steps: int, ranks_answer: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps_left = good_steps
+        self.ranks_answer = ranks_answer
+        self.release = threading.Event()
+
+    def execute(self, inp):
+        if self.steps_left == 0:
+            self.release.wait(30)
+            raise RuntimeError("released")
+        self.steps_left -= 1
+        return super().execute(inp)
+
+    def check_health(self):
+        if not self.ranks_answer:
+            raise RuntimeError("rank 1 is dead")
+
+
+@pytest.mark.parametrize("ranks_answer,step_timeout_s,within_s", [(False, 60.0, 5.0), (True, 1.0, 4.0)])
+def test_the_watchdog_ends_requests_of_a_hung_step(tiny_model, ranks_answer, step_timeout_s, within_s):
+    """A dead rank (the ping fails once a step runs long) or a step past its timeout ends every
+    request in flight with 503 within a bounded time, and new requests are refused."""
+    cfg = config(tiny_model)
+    info = load_model_info(cfg.model)
+    executor = HangingExecutor(info.path, "float32", NUM_BLOCKS, 4, good_steps=3, ranks_answer=ranks_answer)
+    engine = LLMEngine(cfg, info, load_tokenizer(info.path), executor, NUM_BLOCKS)
+
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64, step_timeout_s=step_timeout_s)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(UnavailableError):
+                await asyncio.wait_for(collect(ae.generate("hung", PROMPTS[0], greedy(50))), 20)
+            elapsed = time.monotonic() - t0
+            with pytest.raises(UnavailableError):
+                await ae.generate("after", PROMPTS[0], greedy(5)).__anext__()
+            return elapsed
+        finally:
+            executor.release.set()
+            ae.shutdown()
+
+    assert asyncio.run(main()) < within_s
