@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from serving.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Usage, random_id
+from serving.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Usage, unique_id
 
 api = FastAPI(title="static-batching baseline")
 
@@ -142,7 +142,7 @@ class StaticBatchLLM:
         return StreamingResponse(self._sse(answer, usage, req.include_usage), media_type="text/event-stream")
 
     async def _sse(self, answer: _Answer, usage: Usage, include_usage: bool):
-        rid, created = random_id("cmpl"), int(time.time())
+        rid, created = unique_id("cmpl"), int(time.time())
         chunk = CompletionChunk(id=rid, created=created, model=self.model_name,
                                 choices=[CompletionChoice(text=answer.text, finish_reason=answer.finish_reason)])
         yield f"data: {chunk.model_dump_json()}\n\n"

@@ -44,6 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="how Serve's HTTP proxy reaches the router (as in python -m bench)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the Ray cluster")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="load client: bench.rawhttp (~0.2 ms CPU per request) or httpx (bench.client, ~1.5 ms)")
     p.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     return p.parse_args(argv)
 
@@ -59,8 +61,11 @@ def workloads(args, count) -> list[tuple[str, list[workload.BenchRequest]]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from bench import cpu
+    import asyncio
+
+    from bench import cpu, rawhttp
     from bench.__main__ import _deploy, drive, resolve_model, serve_env, serving_cluster, token_counter
+    from bench.client import wait_ready
 
     args = parse_args(argv)
     model_path = resolve_model(args.model)
@@ -73,15 +78,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     with serving_cluster(args.num_cpus, args.proxy_transport, args.verbose) as port:
         url = _deploy("ours", drive_args, model_path, port, meta)
+        model = asyncio.run(wait_ready(url, timeout_s=600))[0]
         for name, reqs in named:
-            before = cpu.snapshot()
-            run = drive("ours", url, [(args.concurrency, reqs)], drive_args, None)[0]
+            if args.client == "raw":
+                asyncio.run(rawhttp.run_closed_loop("ours", url, model, reqs[:16], 4, args.timeout))  # warmup
+                before = cpu.snapshot()
+                run = asyncio.run(rawhttp.run_closed_loop("ours", url, model, reqs, args.concurrency, args.timeout))
+            else:
+                before = cpu.snapshot()
+                run = drive("ours", url, [(args.concurrency, reqs)], drive_args, None)[0]
             results.append((name, run, cpu.delta(before, cpu.snapshot())))
-            drive_args.warmup = 0
     command = "python -m bench.capacity " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n# Serving capacity (stand-in executor)\n\n- command: {command}\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n"
           f"- ours: {meta.get('ours_args')}\n- Serve settings: {serve_env()}\n"
-          f"- {args.concurrency} streams, {args.prompt_tokens}-token prompts\n")
+          f"- {args.concurrency} streams, {args.prompt_tokens}-token prompts, client: {args.client}\n")
     print("| workload | ok/err | req/s | out tok/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
           "| E2E p50 (ms) | E2E p95 (ms) | chunks/req |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,9 @@
-"""The LLM server deployment: one replica = one engine driving one tensor-parallel worker group.
+"""The LLM server deployment: one replica = one engine, built by `parallel.build.build_engine`.
 
-The replica's placement group holds bundle 0 for the replica itself and bundles 1..N for the ranks
-(`resources()`), packed on one node, so Serve's autoscaler asks for whole TP groups.
+The replica is tensor-parallel rank 0: it runs the model (its shard) in the engine's step thread.
+Its placement group has one bundle per rank, packed on one node (`deployment_options`): bundle 0
+is the replica itself, bundles 1..N-1 hold the other ranks' actors, so Serve's autoscaler asks
+for whole TP groups.
 """
 
 from __future__ import annotations

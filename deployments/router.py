@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -26,7 +25,7 @@ from serving.errors import InvalidRequestError, ModelNotFoundError, ServingError
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest,
-    CompletionResponse, DeltaMessage, GenerationOutput, ModelCard, ModelList, Usage, random_id,
+    CompletionResponse, DeltaMessage, GenerationOutput, ModelCard, ModelList, Usage, unique_id,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -90,7 +89,7 @@ class _Chunks:
     def __init__(self, request: AnyRequest):
         self.request = request
         self.is_chat = isinstance(request, ChatCompletionRequest)
-        self.id = random_id("chatcmpl" if self.is_chat else "cmpl")
+        self.id = unique_id("chatcmpl" if self.is_chat else "cmpl")
         self.created = int(time.time())
         self._template: Optional[tuple[str, str]] = None
 
@@ -224,7 +223,7 @@ class Router:
                                        num_prompt_tokens=a.num_prompt_tokens,
                                        num_output_tokens=a.num_output_tokens), True
                 return
-        request_id = uuid.uuid4().hex
+        request_id = unique_id("req")
         stream = handle.options(stream=True).generate.remote(request, request_id)
         texts = []
         async for out in stream:

@@ -255,6 +255,12 @@ class AsyncEngine:
         for stream in self._streams.values():
             stream.fail(e if isinstance(e, ServingError) else UnavailableError(f"engine failed: {e}"))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stops the step and watchdog threads; waits up to `timeout_s` for a step in flight.
+
+        NOTE: joined, not left running: a daemon thread still inside a torch op when the process
+        exits aborts it ("terminate called without an active exception")."""
         self._stopped = True
         self._work.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
