@@ -24,6 +24,8 @@ import time
 from typing import Optional
 
 from bench import report, workload
+from bench.harness import (INGRESS_HELP, INGRESSES, deploy, drive, resolve_model, serve_env, serving_cluster,
+                           token_counter)
 
 ITL_BAR_S = 0.100  # the bar holds at ITL p50 <= 100 ms
 
@@ -40,8 +42,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="flat AppConfig argument (repeatable); executor=instant and cache=false are always set")
-    p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc",
-                   help="how Serve's HTTP proxy reaches the router (as in python -m bench)")
+    p.add_argument("--ingress", choices=INGRESSES, default="haproxy", help=INGRESS_HELP)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the Ray cluster")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
@@ -64,7 +65,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     import asyncio
 
     from bench import cpu, rawhttp
-    from bench.__main__ import _deploy, drive, resolve_model, serve_env, serving_cluster, token_counter
     from bench.client import wait_ready
 
     args = parse_args(argv)
@@ -76,8 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         timeout=args.timeout, price_per_hour=0.0)
     meta: dict = {"notes": []}
     results = []
-    with serving_cluster(args.num_cpus, args.proxy_transport, args.verbose) as port:
-        url = _deploy("ours", drive_args, model_path, port, meta)
+    with serving_cluster(args.num_cpus, args.ingress, args.verbose) as port:
+        url = deploy("ours", drive_args, model_path, port, meta)
         model = asyncio.run(wait_ready(url, timeout_s=600))[0]
         for name, reqs in named:
             if args.client == "raw":

@@ -77,7 +77,7 @@ def run_static(model_path: str, prompts: list[list[int]], max_tokens: list[int],
 def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
-    from bench.__main__ import build_workload, resolve_model, token_counter
+    from bench.harness import build_workload, resolve_model, token_counter
     from serving.model_loader import load_tokenizer
 
     args = parse_args(argv)

@@ -26,6 +26,7 @@ from typing import Optional
 import httpx
 
 from bench import workload
+from bench.harness import INGRESS_HELP, INGRESSES, deploy, resolve_model, serve_env, serving_cluster
 
 BARS = {"served / engine ms per token": 1.1, "served / HF generate ms per token": 1.0}
 SLACK_S = 0.010  # idle TTFT <= prefill step + 10 ms; 2-token request <= its two steps + 10 ms
@@ -42,7 +43,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="flat AppConfig argument (repeatable); cache=false is always set")
-    p.add_argument("--proxy-transport", choices=("grpc", "ray"), default="grpc")
+    p.add_argument("--ingress", choices=INGRESSES, default="haproxy", help=INGRESS_HELP)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
@@ -138,7 +139,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from bench.__main__ import _deploy, resolve_model, serve_env, serving_cluster
     from bench.client import wait_ready
     from serving.model_loader import load_model_info, load_tokenizer
     from serving.config import ModelConfig
@@ -159,8 +159,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     eng_short = engine_steps(model_path, ids(short_texts), 2)
     drive_args = argparse.Namespace(ours_arg=[*args.ours_arg, "cache=false"])
     meta: dict = {"notes": []}
-    with serving_cluster(args.num_cpus, args.proxy_transport, args.verbose) as port:
-        url = _deploy("ours", drive_args, model_path, port, meta)
+    with serving_cluster(args.num_cpus, args.ingress, args.verbose) as port:
+        url = deploy("ours", drive_args, model_path, port, meta)
         model = asyncio.run(wait_ready(url, timeout_s=600))[0]
         asyncio.run(served(url, model, long_texts[:2], 8, True))  # warmup
         srv = asyncio.run(served(url, model, long_texts, args.max_tokens, True))
