@@ -128,6 +128,8 @@ class Router:
                  config: AppConfig):
         by_reference = config.router.handle_transport == "ray"
         self.llms = {name: h.options(_by_reference=by_reference) for name, h in llm_handles.items()}
+        # NOTE: made once: `options()` builds a new handle, a cost on every request otherwise
+        self._llm_streams = {name: h.options(stream=True) for name, h in self.llms.items()}
         self.caches = [h.options(_by_reference=by_reference) for h in cache_handles]
         self.config = config
         self._cards: dict[str, dict] = {}
@@ -211,7 +213,7 @@ class Router:
 
     async def _outputs(self, request: AnyRequest) -> AsyncIterator[tuple[GenerationOutput, bool]]:
         """(output, cached) pairs: one from the cache on a hit, else the model's stream."""
-        handle = self.llms.get(request.model)
+        handle = self._llm_streams.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         lookup = self._cache_lookup_args(request)
@@ -224,7 +226,7 @@ class Router:
                                        num_output_tokens=a.num_output_tokens), True
                 return
         request_id = unique_id("req")
-        stream = handle.options(stream=True).generate.remote(request, request_id)
+        stream = handle.generate.remote(request, request_id)
         texts = []
         async for out in stream:
             texts.append(out.text)
