@@ -95,6 +95,8 @@ class AsyncEngine:
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped = False
+        self._closed = threading.Event()  # set by shutdown(): wakes the watchdog at once
+        self._watchdog: Optional[threading.Thread] = None
         self._step_started: Optional[float] = None  # monotonic start of the step in flight, if any
         self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
 
@@ -161,7 +163,8 @@ class AsyncEngine:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
             self._thread.start()
-            threading.Thread(target=self._watch, name="engine-watchdog", daemon=True).start()
+            self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
+            self._watchdog.start()
 
     # ---- step thread ----------------------------------------------------------------------------
 
@@ -214,8 +217,7 @@ class AsyncEngine:
         """Fails the engine when a step hangs: past `step_timeout_s`, or once a long step's ranks
         do not all answer a ping. NOTE: it cannot stop the stuck step; it ends the requests and
         makes the replica unhealthy so that Serve replaces it."""
-        while not self._stopped and self.error is None:
-            time.sleep(0.5)
+        while not self._closed.wait(0.5) and self.error is None:
             started = self._step_started
             if started is None:
                 continue
@@ -258,9 +260,12 @@ class AsyncEngine:
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stops the step and watchdog threads; waits up to `timeout_s` for a step in flight.
 
-        NOTE: joined, not left running: a daemon thread still inside a torch op when the process
-        exits aborts it ("terminate called without an active exception")."""
+        NOTE: joined, not left running: a daemon thread that wakes while the interpreter exits can
+        abort the process ("terminate called without an active exception", seen with the watchdog
+        sleeping at exit)."""
         self._stopped = True
+        self._closed.set()
         self._work.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+        for thread in (self._thread, self._watchdog):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout_s)

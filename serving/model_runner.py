@@ -32,50 +32,86 @@ DECODE_GROUP_SIZE = 32
 
 
 class StepTensors:
-    """A StepInput's tensors on the rank's device, built once per step and shared by every layer."""
+    """A StepInput's tensors on the rank's device, built once per step and shared by every layer.
+
+    NOTE: at small batches a torch call costs more than the work it does, so this is built from plain
+    Python ints, sent as one tensor (one host-to-device copy) and split into views."""
 
     def __init__(self, inp: StepInput, device: torch.device):
-        bs, num_seqs = inp.block_size, len(inp.query_lens)
-        width = max(len(t) for t in inp.block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in inp.block_tables], dtype=torch.long, device=device)
-        # [B, max_context_len] flat slot (block * block_size + offset) of every context position
-        context_slots = (table[:, :, None] * bs + torch.arange(bs, device=device)).view(num_seqs, -1)
-        self.context_slots = context_slots[:, :max(inp.context_lens)]
-        starts = [0, *itertools.accumulate(inp.query_lens)]  # first token of each sequence, then the total
-        q = torch.tensor(inp.query_lens, device=device)
-        first = torch.tensor(starts[:-1], device=device)
-        row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q)  # [T] sequence of each token
-        computed = torch.tensor(inp.context_lens, device=device) - q
-        self.input_ids = torch.tensor(inp.token_ids, dtype=torch.long, device=device)  # [T]
-        self.positions = torch.arange(starts[-1], device=device) - first[row] + computed[row]  # [T]
-        self.slot_mapping = self.context_slots[row, self.positions]  # [T]
-        # [S] the last new token of each sampled sequence
-        self.logits_indices = torch.tensor([starts[i + 1] - 1 for i in inp.sample_rows], dtype=torch.long, device=device)
+        bs, qlens, ctx, tables = inp.block_size, inp.query_lens, inp.context_lens, inp.block_tables
+        num_seqs, num_tokens, num_sampled = len(qlens), len(inp.token_ids), len(inp.sample_rows)
+        width = max(len(t) for t in tables)
+        starts = [0, *itertools.accumulate(qlens)]  # first token of each sequence, then the total
+        positions = [p for c, n in zip(ctx, qlens) for p in range(c - n, c)]  # [T]
+        slots = [t[p // bs] * bs + p % bs for t, c, n in zip(tables, ctx, qlens) for p in range(c - n, c)]  # [T]
+        # NOTE: every query length is >= 1, so as many sampled sequences as tokens is a pure decode step
+        # sampling every position: logits_to_keep=0 keeps them all without an index
+        keep_all = num_sampled == num_tokens
+        logits_rows = [] if keep_all else [starts[i + 1] - 1 for i in inp.sample_rows]  # [S] last new tokens
+        padded = itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables)  # [B * width]
+        ints = torch.tensor([*inp.token_ids, *positions, *slots, *ctx, *logits_rows, *padded],
+                            dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, ctx_t, logits_indices, table = ints.split_with_sizes(
+            [num_tokens, num_tokens, num_tokens, num_seqs, len(logits_rows), num_seqs * width])
+        self.logits_to_keep = 0 if keep_all else logits_indices
+        table = table.view(num_seqs, width)  # [B, width] block ids (past a table's end: block 0)
 
-        # (first token, query length, context length, row) of every sequence with more than one new token
-        self.prefill = [(starts[i], n, inp.context_lens[i], i) for i, n in enumerate(inp.query_lens) if n != 1]
-        decode = sorted((i for i, n in enumerate(inp.query_lens) if n == 1), key=lambda i: inp.context_lens[i])
-        self.decode_groups = [self._decode_group(decode[g:g + DECODE_GROUP_SIZE], starts, inp.context_lens, device)
+        self.prefill = [_Prefill(starts[i], n, ctx[i], table[i, :-(-ctx[i] // bs)], device)
+                        for i, n in enumerate(qlens) if n != 1]
+        decode = [i for i, n in enumerate(qlens) if n == 1]
+        if len(decode) > DECODE_GROUP_SIZE:
+            decode.sort(key=ctx.__getitem__)  # similar lengths together: each group pads to its own longest
+        self.decode_groups = [_DecodeGroup(decode[g:g + DECODE_GROUP_SIZE], starts, ctx, ctx_t, table, bs)
                               for g in range(0, len(decode), DECODE_GROUP_SIZE)]
 
-    def _decode_group(self, rows: list[int], starts: list[int], context_lens: list[int], device) -> "_DecodeGroup":
-        lens = [context_lens[i] for i in rows]
-        width = max(lens)
-        slots = self.context_slots[torch.tensor(rows, dtype=torch.long, device=device), :width].reshape(-1)
-        mask = None
-        if min(lens) != width:  # [n, 1, 1, width]: True where the key is inside the sequence
-            ctx = torch.tensor(lens, dtype=torch.long, device=device)
-            mask = (torch.arange(width, device=device)[None, :] < ctx[:, None])[:, None, None, :]
-        token_idx = torch.tensor([starts[i] for i in rows], dtype=torch.long, device=device)
-        return _DecodeGroup(token_idx, slots, width, mask)
 
-
-@dataclass
 class _DecodeGroup:
-    token_idx: torch.Tensor  # [n] the group's tokens in the step's packed batch
-    slots: torch.Tensor  # [n * width] their context slots, row after row (past a row's end: any slot, masked)
-    width: int  # longest context in the group
-    mask: Optional[torch.Tensor]  # [n, 1, 1, width], None when every context is `width` long
+    """Sequences with one new token each, attended together over their gathered blocks."""
+
+    def __init__(self, rows: list[int], starts: list[int], ctx: list[int], ctx_t: torch.Tensor,
+                 table: torch.Tensor, block_size: int):
+        self.n = len(rows)
+        self.width = max(ctx[i] for i in rows)  # longest context in the group
+        if rows == list(range(rows[0], rows[0] + self.n)):  # consecutive rows: views, no index
+            sel = slice(rows[0], rows[0] + self.n)
+            first = starts[rows[0]]
+            self.tokens = slice(first, first + self.n)
+        else:
+            sel = torch.tensor(rows, dtype=torch.long, device=table.device)
+            self.tokens = torch.tensor([starts[i] for i in rows], dtype=torch.long, device=table.device)
+        # [n * num_blocks] the group's blocks, row after row (past a row's end: any block, masked)
+        self.blocks = table[sel, :-(-self.width // block_size)].reshape(-1)
+        self.mask = None  # [n, 1, 1, width]: True where the key is inside the sequence; None if all are full
+        if min(ctx[i] for i in rows) != self.width:
+            self.mask = (torch.arange(self.width, device=table.device) < ctx_t[sel, None])[:, None, None, :]
+        self._buffers: Optional[tuple[torch.Tensor, ...]] = None
+
+    def attend(self, q: torch.Tensor, kv: "_LayerKV", pools: "KVPools", scaling) -> torch.Tensor:
+        """q: [n, H, 1, D] -> [n, H, 1, D], each query over its own sequence's context in one layer's pools.
+
+        NOTE: every layer gathers into the same scratch buffers, so their views are made once per step."""
+        if self._buffers is None:
+            k_buf, v_buf = pools.scratch(self.blocks.shape[0], kv.k_blocks)  # [n * num_blocks, block_size, KVH, D]
+            heads, dim = kv.k_blocks.shape[2:]
+            self._buffers = (k_buf, v_buf, *(b.view(self.n, -1, heads, dim)[:, :self.width].transpose(1, 2)
+                                             for b in (k_buf, v_buf)))  # [n, KVH, width, D]
+        k_buf, v_buf, k, v = self._buffers
+        # NOTE: index_select into a reused buffer is several times faster than advanced indexing
+        torch.index_select(kv.k_blocks, 0, self.blocks, out=k_buf)
+        torch.index_select(kv.v_blocks, 0, self.blocks, out=v_buf)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=True)
+
+
+class _Prefill:
+    """One sequence with several new tokens: its queries sit at the last `q_len` of `ctx_len` positions."""
+
+    def __init__(self, start: int, q_len: int, ctx_len: int, blocks: torch.Tensor, device):
+        self.start, self.q_len, self.ctx_len = start, q_len, ctx_len
+        self.blocks = blocks  # [num_blocks] the blocks of its context
+        self.mask = None  # [q_len, ctx_len] bottom-right aligned causal mask; None: plain causal (no cache)
+        if ctx_len != q_len:
+            qpos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+            self.mask = torch.arange(ctx_len, device=device)[None, :] <= qpos[:, None]
 
 
 class _Meta:
@@ -86,69 +122,67 @@ class _Meta:
         self.pools = pools
 
 
+@dataclass
+class _LayerKV:
+    k_blocks: torch.Tensor  # [num_blocks, block_size, KVH, D], gathered by block
+    v_blocks: torch.Tensor
+    # NOTE: the same memory as [1, KVH, num_blocks * block_size, D], the layout HF hands us keys in: written
+    # with index_copy_ along dim 2 straight from `key`, without a view of it per call
+    k_slots: torch.Tensor
+    v_slots: torch.Tensor
+
+
 class KVPools:
-    """Per-layer key and value pools [num_blocks * block_size, kv_heads, head_dim], made on first use,
-    plus one pair of scratch buffers that every layer gathers its context into."""
+    """Per-layer key and value pools, made on first use, plus one pair of scratch buffers that every
+    layer gathers its context into."""
 
     def __init__(self, num_blocks: int, block_size: int):
-        self.num_slots = num_blocks * block_size
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers: dict[int, _LayerKV] = {}
         self._scratch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def get(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.k:
+    def get(self, layer: int, like: torch.Tensor) -> _LayerKV:
+        kv = self.layers.get(layer)
+        if kv is None:
             # like: [1, kv_heads, T, head_dim] (this rank's heads only)
-            shape = (self.num_slots, like.shape[1], like.shape[3])
-            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.k[layer], self.v[layer]
+            shape = (self.num_blocks, self.block_size, like.shape[1], like.shape[3])
+            k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            kv = self.layers[layer] = _LayerKV(k, v, *(p.flatten(0, 1).transpose(0, 1)[None] for p in (k, v)))
+        return kv
 
-    def scratch(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two [rows, kv_heads, head_dim] buffers shaped like pool rows, reused across layers and steps.
+    def scratch(self, num_blocks: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, block_size, KVH, D] buffers shaped like pool blocks, reused across layers and steps.
 
         NOTE: gathering into fresh tensors cost a third of a decode step at batch 128 here: each
         allocation of several MB is new pages that the kernel must fault in and zero."""
         have = 0 if self._scratch is None else self._scratch[0].shape[0]
-        if have < rows:
-            shape = (max(rows, 2 * have), *like.shape[1:])  # at least doubling: few reallocations
+        if have < num_blocks:
+            shape = (max(num_blocks, 2 * have), *like.shape[1:])  # at least doubling: few reallocations
             self._scratch = (torch.empty(shape, dtype=like.dtype, device=like.device),
                              torch.empty(shape, dtype=like.dtype, device=like.device))
-        return self._scratch[0][:rows], self._scratch[1][:rows]
+        return self._scratch[0][:num_blocks], self._scratch[1][:num_blocks]
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged_meta=None, **kwargs):
     """Attention over engine-owned block pools. query: [1, H, T, D]; key/value: [1, KVH, T, D]."""
     meta: _Meta = paged_meta
     assert meta is not None, "the engine-paged attention needs paged_meta"
-    step = meta.step
-    k_pool, v_pool = meta.pools.get(module.layer_idx, key)
-    k_pool.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1))  # [T, KVH, D]
-    v_pool.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1))
-    q_all = query[0]  # [H, T, D]
-    out = torch.empty(q_all.shape[1], q_all.shape[0], q_all.shape[2], dtype=query.dtype, device=query.device)
+    step, pools = meta.step, meta.pools
+    kv = pools.get(module.layer_idx, key)
+    kv.k_slots.index_copy_(2, step.slot_mapping, key)
+    kv.v_slots.index_copy_(2, step.slot_mapping, value)
+    q_all = query.transpose(0, 2)  # [T, H, 1, D]: one query row per token
+    out = torch.empty(q_all.shape[0], q_all.shape[1], q_all.shape[3], dtype=query.dtype, device=query.device)
     for g in step.decode_groups:
-        q = q_all.index_select(1, g.token_idx).transpose(0, 1).unsqueeze(2)  # [n, H, 1, D]
-        n = g.token_idx.shape[0]
-        k_buf, v_buf = meta.pools.scratch(n * g.width, k_pool)
-        # NOTE: index_select on the flat slots is several times faster than 2-D advanced indexing
-        k = torch.index_select(k_pool, 0, g.slots, out=k_buf).view(n, g.width, *k_pool.shape[1:]).transpose(1, 2)
-        v = torch.index_select(v_pool, 0, g.slots, out=v_buf).view(n, g.width, *v_pool.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
-        out[g.token_idx] = o[:, :, 0, :]
-    for start, q_len, ctx_len, row in step.prefill:
-        q = q_all[:, start:start + q_len, :].unsqueeze(0)  # [1, H, q, D]
-        slots = step.context_slots[row, :ctx_len]
-        k = k_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        v = v_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        if ctx_len == q_len:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:
-            # queries sit at positions ctx_len - q_len ... ctx_len - 1 (bottom-right aligned causal mask)
-            qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        out[start:start + q_len] = o[0].transpose(0, 1)
+        out[g.tokens] = g.attend(q_all[g.tokens], kv, pools, scaling)[:, :, 0]  # a slice or an index
+    for p in step.prefill:
+        q = query[:, :, p.start:p.start + p.q_len]  # [1, H, q, D]
+        k = kv.k_blocks.index_select(0, p.blocks).flatten(0, 1)[:p.ctx_len].transpose(0, 1)  # [KVH, ctx, D]
+        v = kv.v_blocks.index_select(0, p.blocks).flatten(0, 1)[:p.ctx_len].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=p.mask, is_causal=p.mask is None,
+                                           scale=scaling, enable_gqa=True)
+        out[p.start:p.start + p.q_len] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None  # [1, T, H, D]
 
 
@@ -177,10 +211,11 @@ class ModelRunner:
             input_ids=t.input_ids[None],
             position_ids=t.positions[None],
             use_cache=False,
-            logits_to_keep=t.logits_indices,
+            logits_to_keep=t.logits_to_keep,
             paged_meta=_Meta(t, self.pools),
         )
-        return out.logits[0].float()
+        logits = out.logits[0]
+        return logits if logits.dtype == torch.float32 else logits.float()  # NOTE: even a no-op call costs here
 
 
 class StepRunner:
@@ -191,7 +226,7 @@ class StepRunner:
         from serving.sampling import Sampler
 
         self.runner = ModelRunner(model, num_blocks, block_size, device)
-        self.sampler = Sampler(device) if samples else None
+        self.sampler = Sampler() if samples else None
 
     def execute(self, inp: StepInput) -> Optional[StepOutput]:
         """Rank 0's sampled tokens and model time; None on ranks that do not sample."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from serving.sampling import Sampler, SamplingParams, apply_top_k_top_p
+from serving.sampling import Sampler, SamplingParams, inverse_cdf_sample, top_k_top_p
 
 VOCAB = 50
 
@@ -20,8 +20,14 @@ def sample(sampler, logits, temperature=1.0, top_p=1.0, top_k=-1, seeds=None, se
                           [top_p] * rows, [top_k] * rows, seeds if seeds is not None else [None] * rows)
 
 
+def masked(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """top_k_top_p's candidates put back in vocabulary order, -inf for every other token."""
+    values, ids = top_k_top_p(logits, top_ks, top_ps)
+    return torch.full_like(logits, -math.inf).scatter_(-1, ids, values)
+
+
 def kept(logits: list[float], top_k: int, top_p: float) -> set[int]:
-    out = apply_top_k_top_p(torch.tensor([logits]), torch.tensor([top_k]), torch.tensor([top_p]))[0]
+    out = masked(torch.tensor([logits]), torch.tensor([top_k]), torch.tensor([top_p]))[0]
     return {i for i, x in enumerate(out.tolist()) if x != -math.inf}
 
 
@@ -66,7 +72,7 @@ def test_top_k_top_p_mask_exactly_the_expected_tokens(top_k, top_p, expected):
 
 def test_masks_apply_per_row_and_keep_the_kept_logits():
     logits = torch.tensor([HAND, HAND, HAND[::-1]])
-    out = apply_top_k_top_p(logits, torch.tensor([1, -1, 2]), torch.tensor([1.0, 0.5, 1.0]))
+    out = masked(logits, torch.tensor([1, -1, 2]), torch.tensor([1.0, 0.5, 1.0]))
     finite = [{i for i, x in enumerate(row) if x != -math.inf} for row in out.tolist()]
     assert finite == [{1}, {1, 3}, {0, 2}]  # row 3 is reversed: 0.3 at id 0, 0.4 at id 2
     keep = out != -math.inf
@@ -143,3 +149,67 @@ def test_temperature_sharpens_and_flattens_the_distribution():
         # N=2000: one standard deviation is at most 0.011
         assert abs(share - expected_top_share(t)) < 0.05, (t, share)
     assert shares[0.5] > shares[1.0] + 0.1 > shares[2.0] + 0.2
+
+
+def test_only_the_largest_top_k_is_sorted():
+    logits = random_logits(3, seed=5)
+    values, ids = top_k_top_p(logits, torch.tensor([2, 5, -1]), torch.tensor([1.0, 1.0, 1.0]))
+    assert values.shape == ids.shape == (3, VOCAB)  # a row without top-k needs the whole vocabulary
+    values, ids = top_k_top_p(logits, torch.tensor([2, 5, 3]), torch.tensor([1.0, 0.9, 1.0]))
+    assert values.shape == (3, 5)
+    assert torch.equal(ids, logits.topk(5, dim=-1).indices)
+    assert torch.isinf(values[0, 2:]).all() and torch.isfinite(values[0, :2]).all()
+
+
+def test_inverse_cdf_picks_by_cumulative_mass():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3]] * 5)
+    u = torch.tensor([0.0, 0.0999, 0.1001, 0.69, 0.71])
+    assert inverse_cdf_sample(probs.cumsum(-1), u).tolist() == [0, 0, 1, 2, 3]  # cumulative 0.1, 0.5, 0.7, 1.0
+    # zero-probability candidates (masked, or underflowed) are never picked, not even at u -> 0 or 1
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]] * 3)
+    u = torch.tensor([0.0, 0.5, 1 - 2**-24])
+    assert inverse_cdf_sample(probs.cumsum(-1), u).tolist() == [1, 3, 3]
+
+
+@pytest.mark.parametrize("top_k, top_p, expected", [
+    (-1, 1.0, {0: 0.1, 1: 0.4, 2: 0.2, 3: 0.3}),  # temperature only: no candidate set at all
+    (-1, 0.75, {1: 0.4 / 0.9, 2: 0.2 / 0.9, 3: 0.3 / 0.9}),
+    (2, 1.0, {1: 0.4 / 0.7, 3: 0.3 / 0.7}),
+])
+def test_sampled_frequencies_match_the_masked_distribution(top_k, top_p, expected):
+    n = 4000  # one standard deviation of a share is at most 0.008
+    logits = torch.tensor([HAND]).expand(n, 4).contiguous()
+    tokens = sample(Sampler(), logits, top_k=top_k, top_p=top_p)  # unseeded rows: the shared stream
+    assert set(tokens) == set(expected)
+    for token, p in expected.items():
+        assert abs(tokens.count(token) / n - p) < 0.04, (token, tokens.count(token) / n, p)
+
+
+def test_greedy_and_temperature_only_rows_sort_nothing(monkeypatch):
+    import serving.sampling
+
+    def no_sort(*args):
+        raise AssertionError("top_k_top_p called")
+
+    monkeypatch.setattr(serving.sampling, "top_k_top_p", no_sort)
+    logits = random_logits(8, seed=6)
+    sampler = Sampler()
+    # greedy rows ignore their top-k / top-p and draw nothing from any stream
+    assert sample(sampler, logits, temperature=0.0, top_k=3, top_p=0.5, seeds=[1] * 8) == logits.argmax(-1).tolist()
+    assert sampler._streams == {}
+    tokens = sample(sampler, logits, temperature=1.0)
+    assert len(tokens) == 8 and all(0 <= t < VOCAB for t in tokens)
+
+
+def test_rows_of_one_batch_keep_their_own_settings():
+    """Greedy, top-k, top-p and temperature-only rows in one batch (K is the largest top-k: the
+    whole vocabulary here, for the top-p row)."""
+    sampler = Sampler()
+    logits = torch.tensor([HAND] * 4)
+    seen = [set() for _ in range(4)]
+    for _ in range(300):
+        tokens = sampler.sample(logits, [0, 1, 2, 3], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.5, 1.0], [-1, 2, -1, -1],
+                                [None, None, 5, None])
+        for row, token in zip(seen, tokens):
+            row.add(token)
+    assert seen == [{1}, {1, 3}, {1, 3}, {0, 1, 2, 3}]
