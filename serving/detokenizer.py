@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 REPLACEMENT = "\ufffd"
-# Tokens decoded again on each step as left context (words join differently after a space).
+# Tokens decoded again as left context (words join differently after a space): between
+# _CONTEXT_TOKENS and twice that. NOTE: while the context's start stays put, the last decode of
+# the window is the next one's prefix text, so a token costs one decode instead of two.
 _CONTEXT_TOKENS = 6
 
 
@@ -25,6 +27,7 @@ class IncrementalDetokenizer:
         self.num_emitted = 0  # chars of self.text already released
         self._prefix_offset = 0  # self.ids[_prefix_offset:_read_offset] is left context
         self._read_offset = 0
+        self._prefix_text: Optional[str] = ""  # the left context decoded; None: not yet
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -35,14 +38,20 @@ class IncrementalDetokenizer:
         if self.stopped:
             return
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        prefix = self._prefix_text
         full = self._decode(self.ids[self._prefix_offset:])
         if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
             return  # an incomplete character (or nothing printable yet): wait for more tokens
         search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += full[len(prefix):]
-        self._prefix_offset = max(0, len(self.ids) - _CONTEXT_TOKENS)
         self._read_offset = len(self.ids)
+        if self._read_offset - self._prefix_offset > 2 * _CONTEXT_TOKENS:
+            self._prefix_offset = self._read_offset - _CONTEXT_TOKENS
+            self._prefix_text = None
+        else:
+            self._prefix_text = full
         if self.stop:
             hit = self._find_stop(search_from)
             if hit is not None:
