@@ -26,15 +26,16 @@ def build_app(config: AppConfig) -> serve.Application:
     from deployments.router import Router
     from parallel.build import resolve_device
 
+    logging = {"enable_access_log": config.access_log}
     llms = {}
     for llm in config.models:
         name = served_model_name(llm)
         if name in llms:
             raise ValueError(f"two models are served as '{name}': give each a distinct model_name")
         opts = LLMServer.deployment_options(llm, resolve_device(llm))
-        llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", **opts).bind(llm)
-    caches = cache_partitions(config.cache) if config.cache.enabled else []
-    return Router.options(num_replicas=config.router.num_replicas,
+        llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", logging_config=logging, **opts).bind(llm)
+    caches = cache_partitions(config.cache, logging) if config.cache.enabled else []
+    return Router.options(num_replicas=config.router.num_replicas, logging_config=logging,
                           ray_actor_options={"num_cpus": config.router.num_cpus},
                           max_ongoing_requests=config.router.max_ongoing_requests,
                           max_queued_requests=config.router.max_queued_requests).bind(llms, caches, config)

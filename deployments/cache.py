@@ -120,7 +120,8 @@ class SemanticCache:
                 logger.warning("cache partition %d: final snapshot failed: %s", self.partition, exc)
 
 
-def cache_partitions(config: CacheConfig) -> list:
+def cache_partitions(config: CacheConfig, logging_config: Optional[dict] = None) -> list:
     """One bound `SemanticCache` application per partition, named SemanticCache0..N-1; pass them
     to the router, which calls `partition_of(key, len(handles))` for each request."""
-    return [SemanticCache.options(name=f"SemanticCache{p}").bind(config, p) for p in range(config.num_replicas)]
+    return [SemanticCache.options(name=f"SemanticCache{p}", logging_config=logging_config).bind(config, p)
+            for p in range(config.num_replicas)]

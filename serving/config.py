@@ -158,6 +158,10 @@ class AppConfig(_Frozen):
     cache: CacheConfig = CacheConfig()
     router: RouterConfig = RouterConfig()
     name: str = "llm"
+    # Serve's access log line per request in every deployment. Off by default: formatting and
+    # writing it was 3-4% of the router's and the LLM server's CPU per request here; the request
+    # metrics (serving/metrics.py and Serve's own) count every request either way.
+    access_log: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -181,12 +185,15 @@ class AppConfig(_Frozen):
         tree: dict[str, dict[str, Any]] = {k: {} for k in ("model", "parallel", "scheduler", "speculative", "serve")}
         cache: dict[str, Any] = {}
         router: dict[str, Any] = {}
+        app: dict[str, Any] = {}
         for key, value in args.items():
             if key not in FLAT_ARGS:
                 raise ValueError(f"unknown argument '{key}'; known: {sorted(FLAT_ARGS)}")
             section, field = FLAT_ARGS[key]
             value = _parse_scalar(value)
-            if section == "cache":
+            if section == "app":
+                app[field] = value
+            elif section == "cache":
                 cache[field] = value
             elif section == "router":
                 router[field] = value
@@ -197,7 +204,8 @@ class AppConfig(_Frozen):
                 else:
                     tree[section][field] = value
         llm = LLMConfig.model_validate({k: v for k, v in tree.items() if v})
-        return cls(models=(llm,), cache=CacheConfig.model_validate(cache), router=RouterConfig.model_validate(router))
+        return cls(models=(llm,), cache=CacheConfig.model_validate(cache), router=RouterConfig.model_validate(router),
+                   **app)
 
 
 FLAT_ARGS: dict[str, tuple[str, str]] = {
@@ -232,6 +240,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "cache_snapshot_path": ("cache", "snapshot_path"),
     "router_replicas": ("router", "num_replicas"),
     "handle_transport": ("router", "handle_transport"),
+    "access_log": ("app", "access_log"),
 }
 
 
