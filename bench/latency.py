@@ -40,6 +40,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (EOS may end it early)")
     p.add_argument("--num-short", type=int, default=20, help="short streamed requests for idle TTFT")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; in each, every path runs every prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="flat AppConfig argument (repeatable); cache=false is always set")
@@ -49,54 +50,68 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def hf_generate(model_path: str, prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...]) -> list[dict]:
-    """Per prompt: output tokens and ms per token of HF `generate` (greedy)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class HFGenerate:
+    """Hugging Face `generate` in this process (greedy); ms per output token is
+    (time for n tokens - time for 1 token) / (n - 1)."""
 
-    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    out = []
-    with torch.inference_mode():
-        def timed(ids, n):
-            x = torch.tensor([ids])
+    def __init__(self, model_path: str, eos: tuple[int, ...]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.eos = list(eos) or None
+
+    def _timed(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        import torch
+
+        x = torch.tensor([ids])
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n if n == 1 else 0,
-                            do_sample=False, eos_token_id=list(eos) or None, pad_token_id=0)
-            return time.perf_counter() - t0, y[0, len(ids):].tolist()
+            y = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                    min_new_tokens=1, do_sample=False, eos_token_id=self.eos, pad_token_id=0)
+        return time.perf_counter() - t0, y[0, len(ids):].tolist()
 
-        timed(prompts[0], 4)  # warmup
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+        self._timed(prompts[0], 4)  # warmup
+        out = []
         for ids in prompts:
-            t_one = min(timed(ids, 1)[0] for _ in range(3))
-            t_all, tokens = timed(ids, max_tokens)
-            n = len(tokens)
-            out.append({"tokens": tokens, "ms_per_token": 1e3 * (t_all - t_one) / max(1, n - 1), "ttft_ms": 1e3 * t_one})
-    return out
+            t_one = min(self._timed(ids, 1)[0] for _ in range(3))
+            t_all, tokens = self._timed(ids, max_tokens)
+            out.append({"tokens": tokens, "ms_per_token": 1e3 * (t_all - t_one) / max(1, len(tokens) - 1)})
+        return out
 
 
-def engine_steps(model_path: str, prompts: list[list[int]], max_tokens: int) -> list[dict]:
-    """Per prompt through our engine in this process: tokens, prefill step and decode step times."""
-    from parallel.build import build_engine
-    from serving.config import LLMConfig, ModelConfig
-    from serving.sampling import SamplingParams
+class EngineSteps:
+    """Our engine in this process (`parallel.build.build_engine`, no Ray, no HTTP), timed step by step."""
 
-    engine = build_engine(LLMConfig(model=ModelConfig(path=model_path)))
-    eos = engine.info.eos_token_ids
-    out = []
-    for i, ids in enumerate([prompts[0], *prompts]):  # the first run is a warmup
-        engine.add_request(f"lat{i}", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=eos))
-        tokens, steps = [], []
-        while engine.has_unfinished():
-            t0 = time.perf_counter()
-            outputs, _ = engine.step()
-            steps.append(time.perf_counter() - t0)
-            tokens += [t for o in outputs for t in o.token_ids]
-        engine.take_finished()
-        if i:
-            out.append({"tokens": tokens, "prefill_ms": 1e3 * steps[0],
-                        "ms_per_token": 1e3 * statistics.mean(steps[1:]) if len(steps) > 1 else None,
-                        "two_steps_ms": 1e3 * sum(steps[:2])})
-    engine.executor.shutdown()
-    return out
+    def __init__(self, model_path: str):
+        from parallel.build import build_engine
+        from serving.config import LLMConfig, ModelConfig
+
+        self.engine = build_engine(LLMConfig(model=ModelConfig(path=model_path)))
+        self._n = 0
+
+    def run(self, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+        from serving.sampling import SamplingParams
+
+        engine, eos = self.engine, self.engine.info.eos_token_ids
+        out = []
+        for i, ids in enumerate([prompts[0], *prompts]):  # the first run is a warmup
+            self._n += 1
+            engine.add_request(f"lat{self._n}", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                    stop_token_ids=eos))
+            tokens, steps = [], []
+            while engine.has_unfinished():
+                t0 = time.perf_counter()
+                outputs, _ = engine.step()
+                steps.append(time.perf_counter() - t0)
+                tokens += [t for o in outputs for t in o.token_ids]
+            engine.take_finished()
+            if i:
+                out.append({"tokens": tokens, "prefill_ms": 1e3 * steps[0],
+                            "ms_per_token": 1e3 * statistics.mean(steps[1:]) if len(steps) > 1 else None,
+                            "two_steps_ms": 1e3 * sum(steps[:2])})
+        return out
 
 
 async def served(url: str, model: str, prompts: list[str], max_tokens: int, stream: bool) -> list[dict]:
@@ -154,18 +169,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     short_texts = [workload.make_prompt(rng, 8, count) for _ in range(args.num_short)]
     ids = lambda texts: [tok(t)["input_ids"] for t in texts]  # noqa: E731  (as the server tokenizes)
 
-    hf = hf_generate(model_path, ids(long_texts), args.max_tokens, eos)
-    eng = engine_steps(model_path, ids(long_texts), args.max_tokens)
-    eng_short = engine_steps(model_path, ids(short_texts), 2)
+    hf_gen, engine = HFGenerate(model_path, eos), EngineSteps(model_path)
     drive_args = argparse.Namespace(ours_arg=[*args.ours_arg, "cache=false"])
     meta: dict = {"notes": []}
+    hf, eng, eng_short, srv, srv_short, srv_two = [], [], [], [], [], []
     with serving_cluster(args.num_cpus, args.ingress, args.verbose) as port:
         url = deploy("ours", drive_args, model_path, port, meta)
         model = asyncio.run(wait_ready(url, timeout_s=600))[0]
         asyncio.run(served(url, model, long_texts[:2], 8, True))  # warmup
-        srv = asyncio.run(served(url, model, long_texts, args.max_tokens, True))
-        srv_short = asyncio.run(served(url, model, short_texts, 16, True))
-        srv_two = asyncio.run(served(url, model, short_texts, 2, False))
+        # NOTE: the three paths take turns, round after round: this machine's speed drifts by
+        # 10-30% over minutes, and a ratio must compare the paths at the same moments
+        for _ in range(args.rounds):
+            hf += hf_gen.run(ids(long_texts), args.max_tokens)
+            eng += engine.run(ids(long_texts), args.max_tokens)
+            srv += asyncio.run(served(url, model, long_texts, args.max_tokens, True))
+            eng_short += engine.run(ids(short_texts), 2)
+            srv_short += asyncio.run(served(url, model, short_texts, 16, True))
+            srv_two += asyncio.run(served(url, model, short_texts, 2, False))
     same = all(h["tokens"] == e["tokens"] == s["tokens"] for h, e, s in zip(hf, eng, srv))
 
     med = lambda rows, k: statistics.median(r[k] for r in rows if r[k] is not None)  # noqa: E731
@@ -174,7 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n# Batch-1 latency\n\n- command: {command}\n- date: {time.strftime('%Y-%m-%d %H:%M')}\n"
           f"- model: {model_path}\n- ours: {meta.get('ours_args')}\n- Serve settings: {serve_env()}\n"
           f"- {args.num_prompts} prompts of {args.prompt_tokens} tokens, up to {args.max_tokens} output tokens, "
-          f"greedy; output tokens {[len(r['tokens']) for r in srv]}; identical tokens in all three: {same}\n")
+          f"greedy, {args.rounds} rounds; output tokens {[len(r['tokens']) for r in srv[:args.num_prompts]]}; "
+          f"identical tokens in all three: {same}\n")
     print("| path | ms per output token (p50 over prompts) | vs engine | vs HF generate |\n|---|---|---|---|")
     for name, v in (("HF generate, one process", hf_tok), ("engine, one process", eng_tok),
                     ("served over HTTP, streamed", srv_tok)):
@@ -182,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prefill, two = med(eng_short, "prefill_ms"), med(eng_short, "two_steps_ms")
     ttft = statistics.median(r["ttft_ms"] for r in srv_short)
     e2e_two = statistics.median(r["e2e_ms"] for r in srv_two)
-    print(f"\n| idle figure ({args.num_short} requests, short prompts) | served p50 (ms) | engine (ms) | bar (ms) | |\n"
+    print(f"\n| idle figure ({args.num_short} requests x {args.rounds} rounds, short prompts) | served p50 (ms) | engine (ms) | bar (ms) | |\n"
           "|---|---|---|---|---|")
     print(f"| TTFT, streamed | {ttft:.1f} | prefill step {prefill:.1f} | {prefill + 1e3 * SLACK_S:.1f} | "
           f"{'PASS' if ttft <= prefill + 1e3 * SLACK_S else 'FAIL'} |")

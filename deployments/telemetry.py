@@ -123,7 +123,7 @@ class EngineTelemetry:
     """
 
     def __init__(self, model_id: str, price_per_hour: float = 0.0, cost_window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, sample_period_s: float = 0.01):
+                 clock: Callable[[], float] = time.monotonic, sample_period_s: float = 0.05):
         assert price_per_hour >= 0 and cost_window_s > 0
         self.model_id = model_id
         self.price_per_hour = price_per_hour

@@ -184,7 +184,15 @@ class AsyncEngine:
             self.engine.abort(request_id)
 
     def _run(self) -> None:
-        """Step while there is work, sleep on `_work` while there is none."""
+        """Step while there is work, sleep on `_work` while there is none.
+
+        NOTE: outputs go to the event loop at once when they start or end a request; middle ones
+        wait up to a quarter of `stream_interval_s` to go with the next steps' (the streams space
+        their items by the whole interval anyway). Each hand-over wakes the loop and contends for
+        the GIL with this thread: at a fast step that was a tenth of a served token's time."""
+        publish_every_s = 0.25 * self.stream_interval_s
+        held: list[GenerationOutput] = []
+        last_publish = 0.0
         while not self._stopped and self.error is None:
             self._apply_pending()
             if not self.engine.has_unfinished():
@@ -205,11 +213,17 @@ class AsyncEngine:
                 self._step_started = None
             if self.error is not None:  # the watchdog gave up on this step while it ran
                 return
+            held += outputs
+            now = time.monotonic()
+            if (now - last_publish < publish_every_s and self.engine.has_unfinished()
+                    and not any(o.finished or len(o.token_ids) == o.num_output_tokens for o in outputs)):
+                continue
             while not self._taken.wait(timeout=0.5):
                 if self._stopped:
                     return
             self._taken.clear()
-            self._loop.call_soon_threadsafe(self._publish, outputs, stats, self.engine.take_finished())
+            self._loop.call_soon_threadsafe(self._publish, held, stats, self.engine.take_finished())
+            held, last_publish = [], now
 
     # ---- watchdog thread ------------------------------------------------------------------------
 
