@@ -48,6 +48,16 @@ class RequestResult:
     usage_reported: bool = False  # output_tokens came from the server's usage, not a chunk count
     num_chunks: int = 0  # non-empty text chunks received
 
+    def add_text_chunk(self, now: float, start: float, last: Optional[float]) -> float:
+        """A chunk with text arrived at `now` (request sent at `start`, previous text chunk at
+        `last`, None for the first); returns `now`, the next call's `last`."""
+        if last is None:
+            self.ttft_s = now - start
+        else:
+            self.itl_s.append(now - last)
+        self.num_chunks += 1
+        return now
+
 
 @dataclass
 class RunResult:
@@ -119,14 +129,8 @@ async def send_completion(
                         result.error = f"stream error: {obj['error']}"[:240]
                         return result
                     now = time.perf_counter()
-                    text = "".join((c.get("text") or "") for c in obj.get("choices") or [])
-                    if text:
-                        if last is None:
-                            result.ttft_s = now - start
-                        else:
-                            result.itl_s.append(now - last)
-                        last = now
-                        result.num_chunks += 1
+                    if any(c.get("text") for c in obj.get("choices") or ()):
+                        last = result.add_text_chunk(now, start, last)
                     usage = obj.get("usage") or usage
         else:
             resp = await client.post(url, json=body)

@@ -99,12 +99,7 @@ async def send_completion(conn: Connection, model: str, req: BenchRequest, resul
                     conn.close()
                     return result
                 if any(c.get("text") for c in obj.get("choices") or ()):
-                    if last is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
-                    result.num_chunks += 1
+                    last = result.add_text_chunk(now, start, last)
                 usage = obj.get("usage") or usage
     except (OSError, ValueError, asyncio.IncompleteReadError) as e:
         conn.close()
