@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -131,8 +132,6 @@ async def served(url: str, model: str, prompts: list[str], max_tokens: int, stre
                     async for line in r.aiter_lines():
                         if not line.startswith("data: {"):
                             continue
-                        import json
-
                         chunk = json.loads(line[6:])
                         for choice in chunk.get("choices", []):
                             if choice.get("token_ids"):

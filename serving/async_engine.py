@@ -94,8 +94,7 @@ class AsyncEngine:
         self._taken.set()
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._stopped = False
-        self._closed = threading.Event()  # set by shutdown(): wakes the watchdog at once
+        self._closed = threading.Event()  # set by shutdown(): stops both threads, wakes the watchdog at once
         self._watchdog: Optional[threading.Thread] = None
         self._step_started: Optional[float] = None  # monotonic start of the step in flight, if any
         self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
@@ -193,7 +192,7 @@ class AsyncEngine:
         publish_every_s = 0.25 * self.stream_interval_s
         held: list[GenerationOutput] = []
         last_publish = 0.0
-        while not self._stopped and self.error is None:
+        while not self._closed.is_set() and self.error is None:
             self._apply_pending()
             if not self.engine.has_unfinished():
                 finished = self.engine.take_finished()  # aborted before or between steps
@@ -219,7 +218,7 @@ class AsyncEngine:
                     and not any(o.finished or len(o.token_ids) == o.num_output_tokens for o in outputs)):
                 continue
             while not self._taken.wait(timeout=0.5):
-                if self._stopped:
+                if self._closed.is_set():
                     return
             self._taken.clear()
             self._loop.call_soon_threadsafe(self._publish, held, stats, self.engine.take_finished())
@@ -277,7 +276,6 @@ class AsyncEngine:
         NOTE: joined, not left running: a daemon thread that wakes while the interpreter exits can
         abort the process ("terminate called without an active exception", seen with the watchdog
         sleeping at exit)."""
-        self._stopped = True
         self._closed.set()
         self._work.set()
         for thread in (self._thread, self._watchdog):
