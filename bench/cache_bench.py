@@ -5,7 +5,7 @@
 1. Index libraries on the same clustered unit vectors: build time, single-query p50/p99 search
    latency, recall@1 against exact search, removal support (eviction and TTL need it).
 2. The cache's own lookup at `--entries` entries, embedding excluded (it runs before, in a thread):
-   an exact repeat, and candidate search plus the second check (`SemanticCacheCore.decide`), with
+   an exact repeat, and candidate search plus the verifier (`SemanticCacheCore.decide`), with
    all entries under one key (one HNSW partition) and spread over 1,000 keys (flat partitions).
 3. LRU vs LFU: hit ratio of exact repeats on a Zipf request stream whose popular set drifts,
    with the cache holding a tenth of the distinct prompts.
@@ -144,7 +144,7 @@ def bench_cache(x: np.ndarray, queries: np.ndarray, num_keys: int) -> dict:
         return core.decide(key(i % num_keys), texts[i], q)
 
     p50, p99, hits = timed(decide, q_near)
-    hit_rate = float(np.mean([h is not None for h in hits]))
+    hit_rate = float(np.mean([d.hit is not None for d in hits]))
     it2 = iter(targets)
     e50, e99, _ = timed(lambda _: store.get_exact(key((i := next(it2)) % num_keys), texts[i]), q_near)
 
@@ -163,7 +163,7 @@ def bench_cache(x: np.ndarray, queries: np.ndarray, num_keys: int) -> dict:
            "exact_p99_ms": round(e99, 4), "async_exact_lookup_p50_ms": round(a50, 4),
            "bytes_per_entry": store.num_bytes // n}
     print(f"  {n} entries over {num_keys} keys: bulk load {build_s:.1f} s, single insert {insert_ms:.2f} ms; "
-          f"search + second check p50 {p50:.3f} ms "
+          f"search + verifier p50 {p50:.3f} ms "
           f"p99 {p99:.3f} ms (hit rate {hit_rate:.2f}); exact p50 {e50:.4f} ms; async lookup (exact) p50 "
           f"{a50:.4f} ms; {row['bytes_per_entry']} bytes/entry")
     return row

@@ -207,13 +207,15 @@ ENGINE = Dashboard(
                           _REPLICA),), unit="percentunit"),
         )),
         Row("Semantic cache", (
-            Panel("Cache operations per second", "Lookups, hits, misses, inserts, and evictions by reason "
-                                                 "(capacity or TTL).",
+            Panel("Cache operations per second", "Lookups, hits, misses, inserts, evictions by reason "
+                                                 "(capacity or TTL), and candidates the verifier refused "
+                                                 "by reason.",
                   tuple(Target(rate(spec, ()), spec.name.removeprefix("llm_cache_"))
                         for spec in (m.CACHE_LOOKUPS, m.CACHE_HITS, m.CACHE_MISSES, m.CACHE_INSERTS))
-                  + (Target(rate(m.CACHE_EVICTIONS, ("reason",)), "evictions {{reason}}"),),
+                  + (Target(rate(m.CACHE_EVICTIONS, ("reason",)), "evictions {{reason}}"),
+                     Target(rate(m.CACHE_REJECTIONS, ("reason",)), "refused {{reason}}")),
                   unit="ops", width=8),
-            Panel("Cache lookup latency", "Embedding, search and second check of one lookup.",
+            Panel("Cache lookup latency", "Embedding, search and verifier of one lookup.",
                   percentiles(m.CACHE_LOOKUP_LATENCY, ()), unit="s", width=8),
             Panel("Cache entries", "Entries held, per cache replica.",
                   (Target(gauge(m.CACHE_ENTRIES, ("replica",)), _REPLICA),), width=4),

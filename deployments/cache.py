@@ -37,16 +37,19 @@ class SemanticCache:
         from serving.cache.embedder import BatchingEmbedder, default_model_path, load_encoder
         from serving.cache.semantic import SemanticCacheCore
         from serving.cache.store import CacheStore
+        from serving.cache.wordnet import wordnet
 
         if not 0 <= partition < config.num_replicas:
             raise ValueError(f"partition {partition} not in [0, {config.num_replicas})")
         self.config = config
         self.partition = partition
         model_path = config.embedding_model or default_model_path()
-        encode, dim = load_encoder(model_path, num_threads=config.embedding_threads)
+        encode, dim = load_encoder(model_path, num_threads=config.embedding_threads,
+                                   max_batch_size=config.embedding_batch_size)
         self._model_id = f"{os.path.basename(os.path.normpath(model_path))}:{dim}"
         store = CacheStore(dim, config.capacity_bytes, config.ttl_s, config.eviction)
         embedder = BatchingEmbedder(encode, max_batch_size=config.embedding_batch_size)
+        wordnet()  # the verifier's synonyms (about 0.3 s), loaded now rather than on the first lookup
         self.core = SemanticCacheCore(store, embedder, config.similarity_threshold, config.max_candidates)
         self.telemetry = CacheTelemetry()
         self._num_health_checks = 0

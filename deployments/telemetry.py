@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any, Callable, Mapping, Optional, Union
 
 from serving import metrics as m
+from serving.cache.verifier import REJECTION_LABELS
 from serving.stats import RequestStats, StepStats
 
 _instruments: dict[str, Any] = {}
@@ -232,7 +233,8 @@ class RouterTelemetry:
 _CACHE_COUNTERS = {"lookups": (m.CACHE_LOOKUPS, None), "hits": (m.CACHE_HITS, None),
                    "misses": (m.CACHE_MISSES, None), "inserts": (m.CACHE_INSERTS, None),
                    "evictions": (m.CACHE_EVICTIONS, {"reason": "capacity"}),
-                   "expirations": (m.CACHE_EVICTIONS, {"reason": "ttl"})}
+                   "expirations": (m.CACHE_EVICTIONS, {"reason": "ttl"}),
+                   **{f"rejected_{label}": (m.CACHE_REJECTIONS, {"reason": label}) for label in REJECTION_LABELS}}
 _CACHE_GAUGES = {"entries": m.CACHE_ENTRIES, "bytes": m.CACHE_BYTES}
 
 
@@ -280,5 +282,5 @@ class CacheTelemetry:
                 _set(_CACHE_GAUGES[key], float(value))
 
     def observe_lookup(self, latency_s: float) -> None:
-        """The duration of one lookup, embedding and second check included."""
+        """The duration of one lookup, embedding and verifier included."""
         _observe(m.CACHE_LOOKUP_LATENCY, latency_s)

@@ -128,6 +128,8 @@ CACHE_MISSES = MetricSpec("llm_cache_misses", C, "Semantic cache lookups that fo
 CACHE_INSERTS = MetricSpec("llm_cache_inserts", C, "Answers inserted into the semantic cache.")
 CACHE_EVICTIONS = MetricSpec("llm_cache_evictions", C, "Entries removed from the semantic cache, by reason.",
                              ("reason",))  # "capacity" or "ttl"
+CACHE_REJECTIONS = MetricSpec("llm_cache_rejections", C, "Cache candidates the verifier refused, by reason.",
+                              ("reason",))  # serving/cache/verifier.py REJECTION_LABELS
 CACHE_ENTRIES = MetricSpec("llm_cache_entries", G, "Entries held by the semantic cache replica.")
 CACHE_BYTES = MetricSpec("llm_cache_bytes", G, "Bytes held by the semantic cache replica.")
 CACHE_LOOKUP_LATENCY = MetricSpec("llm_cache_lookup_latency_seconds", H,

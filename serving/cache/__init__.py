@@ -1,1 +1,1 @@
-"""Semantic cache: cache key, vector index, second check, store, embedder (no Ray here)."""
+"""Semantic cache: cache key, vector index, verifier, store, embedder (no Ray here)."""

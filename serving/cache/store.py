@@ -1,6 +1,6 @@
 """The cache's memory: entries grouped by cache key, with capacity in bytes, eviction and TTL.
 
-Pure Python plus numpy; no embedding model, no second check, no asyncio (see `semantic.py`). All
+Pure Python plus numpy; no embedding model, no verifier, no asyncio (see `semantic.py`). All
 methods are synchronous and must be called from one thread at a time.
 """
 
@@ -23,6 +23,9 @@ from serving.cache.types import CachedAnswer
 # with tracemalloc in tests/unit/test_cache_store.py; the text bytes are added on top.
 ENTRY_OVERHEAD_BYTES = 1024
 PARTITION_OVERHEAD_BYTES = 1024
+# NOTE: a word vector's dict slot, string header and ndarray header on top of its data and its text
+# (about 300 bytes with tracemalloc in tests/unit/test_cache_store.py).
+WORD_OVERHEAD_BYTES = 320
 
 
 @dataclass(slots=True)
@@ -35,6 +38,9 @@ class Entry:
     created_at: float  # wall-clock seconds (survives a snapshot)
     num_hits: int = 0
     num_bytes: int = 0
+    # The query's word vectors for the verifier (`embedder.WordVectors`); None after a snapshot
+    # reload, when the verifier decides by its rules alone.
+    words: Optional[dict] = None
 
 
 class Partition:
@@ -137,11 +143,11 @@ class CacheStore:
 
     # ---- writing -------------------------------------------------------------------------------
     def insert(self, key: CacheKey, query: str, norm: str, vector: np.ndarray, answer: CachedAnswer,
-               created_at: Optional[float] = None) -> Optional[Entry]:
-        """Store an answer (replacing one with the same key and normalised text). Returns the entry,
-        or None if it alone is larger than the whole capacity."""
+               created_at: Optional[float] = None, words: Optional[dict] = None) -> Optional[Entry]:
+        """Store an answer (replacing one with the same key and normalised text), with the query's
+        word vectors if given. Returns the entry, or None if it alone is larger than the capacity."""
         self.expire()
-        entry = self._register(key, query, norm, answer, created_at)
+        entry = self._register(key, query, norm, answer, created_at, words)
         if entry is not None:
             self._index_add(self._partitions[key.digest], [entry.entry_id], np.asarray(vector, np.float32)[None])
             self._evict(keep=entry.entry_id)
@@ -165,14 +171,15 @@ class CacheStore:
         return sum(len(v) for v in pending.values())
 
     def _register(self, key: CacheKey, query: str, norm: str, answer: CachedAnswer,
-                  created_at: Optional[float]) -> Optional[Entry]:
+                  created_at: Optional[float], words: Optional[dict] = None) -> Optional[Entry]:
         """Create the entry and its partition (everything but the index)."""
         part = self._partitions.get(key.digest)
         # NOTE: entries share their partition's key object (one copy per partition, not per entry).
         entry = Entry(next(self._ids), part.key if part else key, query, norm, answer,
-                      self.clock() if created_at is None else created_at)
+                      self.clock() if created_at is None else created_at, words=words)
         entry.num_bytes = (ENTRY_OVERHEAD_BYTES + len(query.encode()) + len(norm.encode())
-                           + len(answer.text.encode()) + len(answer.finish_reason))
+                           + len(answer.text.encode()) + len(answer.finish_reason)
+                           + sum(WORD_OVERHEAD_BYTES + len(w) + v.nbytes for w, v in (words or {}).items()))
         if entry.num_bytes + 4 * self.dim + PARTITION_OVERHEAD_BYTES > self.capacity_bytes:
             return None
         if part is not None and norm in part.exact:

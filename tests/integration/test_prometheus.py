@@ -96,7 +96,7 @@ class StandInCache:
 
         self.telemetry = CacheTelemetry(min_interval_s=0.0)
         self.entries: dict[str, str] = {}
-        self.counts = dict(lookups=0, hits=0, misses=0, inserts=0, evictions=0, expirations=0)
+        self.counts = dict(lookups=0, hits=0, misses=0, inserts=0, evictions=0, expirations=0, rejected_content=0)
 
     def stats(self) -> dict:
         out = {f"cache_{k}_total": v for k, v in self.counts.items()}
@@ -107,6 +107,7 @@ class StandInCache:
         hit = prompt in self.entries
         self.counts["lookups"] += 1
         self.counts["hits" if hit else "misses"] += 1
+        self.counts["rejected_content"] += not hit  # as if a candidate had been refused
         self.telemetry.observe_lookup(time.perf_counter() - start)
         self.telemetry.record_stats(self.stats)
         return hit

@@ -2,6 +2,7 @@
 check, partition isolation, micro-batching, flush, stats and snapshots."""
 
 import asyncio
+import logging
 import threading
 
 import numpy as np
@@ -46,13 +47,32 @@ def test_exact_semantic_and_rejected():
         assert exact and exact.exact and exact.answer.text == "int(s)"
         para = await core.lookup(key(), "convert a string into an integer in Python")
         assert para and not para.exact and para.similarity >= 0.6
-        # Same bag of words (similarity 1.0 for this encoder): the second check refuses it.
+        # Same bag of words (similarity 1.0 for this encoder): the verifier refuses it.
         assert await core.lookup(key(), "convert an integer to a string in Python") is None
         stats = core.stats()
         assert set(stats) == set(METRIC_NAMES)
         assert stats["cache_hits_total"] == 2 and stats["cache_exact_hits_total"] == 1
         assert stats["cache_misses_total"] == 1 and stats["cache_rejected_candidates_total"] >= 1
         assert stats["cache_lookups_total"] == 3 and stats["cache_entries"] == 1
+    run(go())
+
+
+def test_every_refusal_is_counted_by_label_and_logged(caplog):
+    async def go():
+        core = make_core()
+        await core.insert(key(), "How do I convert a string to an integer in Python?", answer("int(s)"))
+        entry = next(core.store.entries())
+        assert entry.words and entry.num_bytes > 2000  # the word vectors are stored and counted
+        with caplog.at_level(logging.DEBUG, logger="serving.cache.semantic"):
+            assert await core.lookup(key(), "How do I convert an integer to a string in Python?") is None
+            assert await core.lookup(key(), "How do I convert a string to an integer in Java?") is None
+        decision = core.decide(key(), "How do I convert a string to an integer in Java?",
+                               core.store.vector(entry))
+        assert decision.hit is None and decision.reason == "entity"
+        stats = core.stats()
+        assert stats["cache_rejected_order_total"] == 1 and stats["cache_rejected_entity_total"] == 2
+        assert stats["cache_rejected_negation_total"] == 0
+        assert "refused (order)" in caplog.text and "refused (entity)" in caplog.text
     run(go())
 
 
@@ -134,7 +154,7 @@ def test_snapshot_roundtrip_and_repartition(tmp_path):
 def test_snapshot_skips_expired(tmp_path):
     now = [1000.0]
     store = CacheStore(DIM, 1 << 22, ttl_s=10.0, clock=lambda: now[0])
-    vec = hashing_encoder(DIM)(["old"])[0]
+    vec = hashing_encoder(DIM)(["old"]).vectors[0]
     store.insert(key(), "old", "old", vec, answer("a"))
     now[0] += 8
     store.insert(key(), "new", "new", vec, answer("b"))
@@ -160,6 +180,7 @@ def test_encoder_failure_reaches_every_waiter_and_the_worker_survives():
         results = await asyncio.gather(*[embedder.embed(f"t{i}") for i in range(5)], return_exceptions=True)
         assert all(isinstance(r, ValueError) for r in results)
         state["fail"] = False
-        assert (await embedder.embed("fine")).shape == (DIM,)
+        assert (await embedder.embed("fine")).vector.shape == (DIM,)
         embedder.close()
     run(go())
+

@@ -10,7 +10,11 @@ from serving.cache.testing import hashing_encoder
 from serving.cache.types import CachedAnswer
 
 DIM = 32
-encode = hashing_encoder(DIM)
+_encoded = hashing_encoder(DIM)
+
+
+def encode(texts):
+    return _encoded(texts).vectors
 
 
 def key(model="m", tenant="", temperature=0.0, context=""):
@@ -83,6 +87,21 @@ def test_accounted_bytes_cover_real_python_memory():
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert used <= store.num_bytes, (used, store.num_bytes)
+
+
+def test_word_vectors_are_counted_in_the_bytes():
+    import tracemalloc
+
+    store = CacheStore(DIM, 1 << 30)
+    vectors = encode([f"question {i}" for i in range(500)])
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(500):
+        words = {f"word{i}x{j}": np.ones(384, np.float16) for j in range(6)}  # as the embedder makes them
+        store.insert(key(), f"question {i}", f"question {i}", vectors[i], answer(f"answer {i}"), words=words)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert used <= store.num_bytes <= 1.5 * used, (used, store.num_bytes)
 
 
 def test_lru_evicts_least_recent_and_lfu_least_frequent():
