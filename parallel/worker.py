@@ -9,16 +9,20 @@ step, rank 0 broadcasts the `StepInput` on the `StepChannel` and every rank runs
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import pickle
 import random
 import socket
+import time
 from datetime import timedelta
 from typing import Optional
 
 import ray
 
 from serving.step import StepInput
+
+logger = logging.getLogger("ray.serve")
 
 # The rendezvous port is picked from below Linux's ephemeral range (32768-60999 by default): the
 # kernel hands out ephemeral ports to every connect() and every bind to port 0 (Serve's gRPC
@@ -113,12 +117,72 @@ def load_rank(rank: int, world_size: int, master_addr: str, master_port: int, mo
     """This process's shard as (StepRunner, StepChannel). Every rank must call it at the same time:
     they rendezvous at `master_addr:master_port` (waiting up to `timeout_s`)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
-    from serving.model_loader import load_model
     from serving.model_runner import StepRunner
 
-    model = _shard(load_model(model_path, dtype, device), rank, world_size, master_addr, master_port, dtype,
-                   device, replace_with_kernel_inject, timeout_s)
+    model, times = load_shard(rank, world_size, master_addr, master_port, model_path, dtype, device,
+                              replace_with_kernel_inject, timeout_s)
+    logger.info("rank %d loaded: %.1f s to shard (process group, AutoTP), %.1f s for %.0f MiB of weights",
+                rank, times["shard_s"], times["weights_s"], times["weights_bytes"] / 2**20)
     return StepRunner(model, num_kv_blocks, block_size, device, samples=rank == 0), StepChannel()
+
+
+def load_shard(rank: int, world_size: int, master_addr: str, master_port: int, model_path: str, dtype: str,
+               device: str, replace_with_kernel_inject: bool, timeout_s: float):
+    """(this rank's shard of the model, {shard_s, weights_s, weights_bytes}).
+
+    NOTE: AutoTP splits the model while its parameters are still on the meta device, so each rank
+    allocates only its shards; then it reads only its slices from the safetensors files. Host
+    memory per rank falls with the tensor-parallel degree (docs/deploy.md, "Fast replica start")."""
+    import torch
+
+    from serving.model_loader import empty_model, load_weights
+
+    t0 = time.monotonic()
+    model = empty_model(model_path, dtype)
+    # NOTE: DeepSpeed re-allocates a model with meta parameters empty, buffers too (seen: RoPE's
+    # inv_freq became garbage), so the computed buffers are put back after it.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model = _shard(model, rank, world_size, master_addr, master_port, dtype, device,
+                   replace_with_kernel_inject, timeout_s)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    t1 = time.monotonic()
+    offsets = _shard_offsets(model, model_path, rank, world_size)
+    num_bytes = load_weights(model, model_path, offsets, log=lambda m: logger.info("rank %d %s", rank, m))
+    return model, {"shard_s": t1 - t0, "weights_s": time.monotonic() - t1, "weights_bytes": num_bytes}
+
+
+def _shard_offsets(model, model_path: str, rank: int, world_size: int) -> dict[str, tuple[int, int]]:
+    """Where this rank's shard of each split parameter starts in the checkpoint's tensor:
+    {name: (dim, start)}. The split dimension is the one whose length differs from the checkpoint's;
+    the start is the sum of the lower ranks' lengths (gathered, so DeepSpeed's uneven splits of
+    heads or vocabularies come out right)."""
+    import torch
+    import torch.distributed as dist
+
+    from serving.model_loader import checkpoint_shapes
+
+    full = checkpoint_shapes(model_path)
+    split: dict[str, tuple[int, int, int]] = {}  # name -> (dim, this rank's length, the full length)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        # a tied LM head is stored as the input embedding (serving.model_loader.load_weights)
+        shape = full.get(name) or full["model.embed_tokens.weight" if name == "lm_head.weight" else name]
+        dims = [d for d, (a, b) in enumerate(zip(shape, param.shape)) if a != b]
+        assert len(dims) <= 1, f"{name}: {shape} -> {tuple(param.shape)} splits more than one dimension"
+        if dims:
+            split[name] = (dims[0], param.shape[dims[0]], shape[dims[0]])
+    names = sorted(split)
+    lengths = torch.tensor([split[n][1] for n in names], dtype=torch.int64)
+    every = [torch.zeros_like(lengths) for _ in range(world_size)]
+    # gloo: on CUDA the model's group is NCCL, which takes no CPU tensors
+    dist.all_gather(every, lengths, group=dist.new_group(backend="gloo"))
+    offsets = {}
+    for i, name in enumerate(names):
+        dim, _, total = split[name]
+        assert sum(int(e[i]) for e in every) == total, f"{name}: the shards do not tile dimension {dim}"
+        offsets[name] = (dim, sum(int(every[r][i]) for r in range(rank)))
+    return offsets
 
 
 def _shard(model, rank: int, world_size: int, master_addr: str, master_port: int, dtype: str, device: str,

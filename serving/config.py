@@ -109,9 +109,39 @@ class SpeculativeConfig(_Frozen):
 
 
 class AutoscalingConfig(_Frozen):
+    """Replica bounds and the policy that moves between them (deployments/autoscaling.py).
+
+    "llm" scales on what the replicas report (waiting and running sequences, queued prefill
+    tokens, KV use, TTFT); "ongoing_requests" is Serve's default policy on
+    `target_ongoing_requests`. min_replicas 0 allows scale to zero: the first request after
+    that waits a whole cold start (docs/deploy.md)."""
+
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    policy: Literal["llm", "ongoing_requests"] = "llm"
+    target_ongoing_requests: float = Field(default=16.0, gt=0)  # the "ongoing_requests" policy's target
+    # The "llm" policy's targets per replica: it adds replicas until each signal is under its target.
+    target_num_seqs: float = Field(default=32.0, gt=0)  # running + waiting sequences
+    target_num_waiting: float = Field(default=4.0, gt=0)  # sequences queued for admission
+    target_prefill_tokens: float = Field(default=4096.0, gt=0)  # prompt tokens queued for prefill
+    target_kv_usage: float = Field(default=0.8, gt=0, le=1.0)
+    target_ttft_s: float = Field(default=2.0, gt=0)
+    # A queue that grew over this window, or a TTFT over target, scales up at once and holds off
+    # any scale-down until the window has passed without either.
+    panic_window_s: float = Field(default=10.0, gt=0)
+    upscale_delay_s: float = Field(default=5.0, ge=0)  # steady demand this long before adding replicas
+    downscale_delay_s: float = Field(default=60.0, ge=0)  # low load this long before removing one
+    scale_to_zero_delay_s: float = Field(default=300.0, ge=0)  # no work at all this long (min_replicas 0)
+    # Hysteresis: remove a replica only if the load would fit the rest at this share of each target.
+    downscale_threshold: float = Field(default=0.7, gt=0, le=1.0)
+    # Seconds between the replicas' reports to Serve's controller (Serve's own default is 10).
+    metrics_interval_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= max_replicas")
+        return self
 
 
 class ServeOptions(_Frozen):
@@ -232,6 +262,8 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "min_replicas": ("serve", "autoscaling.min_replicas"),
     "max_replicas": ("serve", "autoscaling.max_replicas"),
     "target_ongoing_requests": ("serve", "autoscaling.target_ongoing_requests"),
+    "autoscaling_policy": ("serve", "autoscaling.policy"),
+    "target_ttft_s": ("serve", "autoscaling.target_ttft_s"),
     "replace_with_kernel_inject": ("parallel", "replace_with_kernel_inject"),
     "stream_interval_s": ("scheduler", "stream_interval_s"),
     "max_stream_items_per_s": ("scheduler", "max_stream_items_per_s"),

@@ -83,3 +83,117 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device).eval()
+
+
+def empty_model(path: str, dtype: str = "float32"):
+    """The model's modules with parameters on the meta device (no memory) and real buffers (RoPE's
+    inv_freq is computed, not stored): tensor parallelism then shards it, and each rank fills
+    only its shards with `load_weights`."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+    return model.eval()
+
+
+def load_weights(model, path: str, offsets: dict[str, tuple[int, int]], log=None) -> int:
+    """Copies each parameter of `model` from the folder's safetensors files, reading only its slice:
+    `offsets[name] = (dim, start)` for a parameter that holds a shard (its length along `dim`
+    starting at `start` of the checkpoint's tensor); others are read whole. Returns the bytes read.
+
+    NOTE: plain reads, not safetensors' mmap: a slice along dimension 1 touches every page of the
+    tensor, and mapped pages count in the process's RSS (seen: the peak above the full model's).
+    A tied LM head missing from the checkpoint is read from the input embedding."""
+    import time
+
+    import torch
+
+    index = _safetensors_index(path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    num_bytes, t0, last_log = 0, time.monotonic(), time.monotonic()
+    files: dict = {}
+    try:
+        for i, (name, param) in enumerate(params.items()):
+            key = name if name in index else "model.embed_tokens.weight" if name == "lm_head.weight" else name
+            if key not in index:
+                raise KeyError(f"{name} is not in the checkpoint at {path}")
+            file, meta = index[key]
+            f = files.get(file) or files.setdefault(file, open(file, "rb"))
+            dim, start = offsets.get(name, (0, 0))
+            # straight into the parameter where it can take the bytes (no second copy of it)
+            direct = (param.device.type == "cpu" and param.is_contiguous() and param.dim() > 0
+                      and str(param.dtype) == f"torch.{_SAFETENSORS_DTYPES[meta['dtype']]}")
+            tensor = _read_slice(f, meta, dim, start, param.shape[dim] if param.dim() else 1,
+                                 into=param.data if direct else None)
+            assert tuple(tensor.shape) == tuple(param.shape), (name, tensor.shape, param.shape)
+            if not direct:
+                with torch.no_grad():
+                    param.copy_(tensor)
+            num_bytes += tensor.numel() * tensor.element_size()
+            if log is not None and (time.monotonic() - last_log > 2.0 or i + 1 == len(params)):
+                last_log = time.monotonic()
+                log(f"weights: {i + 1}/{len(params)} tensors, {num_bytes / 2**20:.0f} MiB in {last_log - t0:.1f} s")
+    finally:
+        for f in files.values():
+            f.close()
+    return num_bytes
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64"}
+_CHUNK_BYTES = 16 << 20  # the most of a tensor read at once beyond the slice it keeps
+
+
+def _safetensors_index(path: str) -> dict[str, tuple[str, dict]]:
+    """{tensor name: (file, {dtype, shape, start}: its header entry, start = absolute byte offset)}."""
+    import glob
+    import json
+    import os
+    import struct
+
+    index = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                index[name] = (file, {"dtype": entry["dtype"], "shape": tuple(entry["shape"]),
+                                      "start": 8 + header_len + entry["data_offsets"][0]})
+    return index
+
+
+def _read_slice(f, meta: dict, dim: int, start: int, length: int, into=None):
+    """Elements [start, start + length) along `dim` of one stored tensor, read with plain reads
+    (into `into`, a contiguous tensor of the slice's shape and dtype, if given).
+    The tensor is [A, S, B] around `dim` (S = its length): the slice is A runs of length x B."""
+    import math
+
+    import torch
+
+    dtype = getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])
+    shape = list(meta["shape"]) or [1]
+    item = torch.empty((), dtype=dtype).element_size()
+    outer, size, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    out = (into.view(torch.uint8).reshape(outer, length * inner * item) if into is not None
+           else torch.empty(outer, length * inner * item, dtype=torch.uint8))
+    row = size * inner * item  # bytes of one of the A runs in the file
+    rows_per_read = max(1, _CHUNK_BYTES // row)
+    buf = torch.empty(min(outer, rows_per_read), row, dtype=torch.uint8)
+    for a in range(0, outer, rows_per_read):
+        n = min(rows_per_read, outer - a)
+        if length == size:  # whole rows: read straight into the output
+            f.seek(meta["start"] + a * row)
+            f.readinto(out[a:a + n].numpy())
+            continue
+        f.seek(meta["start"] + a * row)
+        f.readinto(buf[:n].numpy())
+        out[a:a + n] = buf[:n, start * inner * item:(start + length) * inner * item]
+    shape[dim] = length
+    return into if into is not None else out.view(dtype).reshape(shape if meta["shape"] else ())
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the folder's safetensors files (headers only)."""
+    return {name: meta["shape"] for name, (_, meta) in _safetensors_index(path).items()}
