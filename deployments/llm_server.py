@@ -18,6 +18,7 @@ from typing import AsyncIterator, Union
 
 from ray import serve
 
+from deployments.autoscaling import ReplicaLoad, autoscaling_options
 from serving.config import LLMConfig
 from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
 
@@ -39,6 +40,7 @@ class LLMServer:
                                   max_stream_items_per_s=config.scheduler.max_stream_items_per_s,
                                   step_timeout_s=config.parallel.step_timeout_s)
         self.num_requests = 0
+        self.load = ReplicaLoad()  # what record_autoscaling_stats() reports
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s", self.info.name,
@@ -63,12 +65,7 @@ class LLMServer:
         if serve_opts.num_replicas is not None:
             opts["num_replicas"] = serve_opts.num_replicas
         else:
-            a = serve_opts.autoscaling
-            opts["autoscaling_config"] = {
-                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                "initial_replicas": max(1, a.min_replicas),
-                "target_ongoing_requests": a.target_ongoing_requests,
-            }
+            opts["autoscaling_config"] = autoscaling_options(serve_opts.autoscaling)
         return opts
 
     # ---- request path ---------------------------------------------------------------------------
@@ -83,15 +80,13 @@ class LLMServer:
         return self.tokenizer(request.prompt).input_ids
 
     def sampling_params(self, request, num_prompt_tokens: int):
-        from serving.sampling import SamplingParams
+        from serving.sampling import request_sampling_params
 
         room = self.info.max_model_len - num_prompt_tokens
         max_tokens = request.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, min(self.config.scheduler.default_max_tokens, room))
-        return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                              top_k=request.top_k, seed=request.seed, stop=tuple(request.stop_list),
-                              stop_token_ids=self.info.eos_token_ids)
+            max_tokens = max(1, min(self.config.scheduler.default_max_tokens, room), request.min_tokens)
+        return request_sampling_params(request, max_tokens, self.info.eos_token_ids)
 
     async def generate(self, request: Union[CompletionRequest, ChatCompletionRequest],
                        request_id: str = "") -> AsyncIterator[GenerationOutput]:
@@ -100,8 +95,40 @@ class LLMServer:
         self.num_requests += 1
         ids = self.tokenize(request)
         params = self.sampling_params(request, len(ids))
-        async for out in self.engine.generate(request_id, ids, params):
-            yield out
+        self.load.arrived(request_id, len(ids))
+        first = True
+        try:
+            async for out in self.engine.generate(request_id, ids, params):
+                if first:
+                    self.load.first_token(request_id)
+                    first = False
+                yield out
+        finally:
+            self.load.ended(request_id)
+
+    async def tokenize_only(self, request) -> dict:
+        """vLLM's /tokenize: a prompt's (or a conversation's, templated) token ids."""
+        from serving.protocol import TokenizeChatRequest, TokenizeResponse
+
+        if isinstance(request, TokenizeChatRequest):
+            messages = [{"role": m.role, "content": m.text} for m in request.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt,
+                                                      tokenize=False)
+        else:
+            text = request.prompt
+        ids = self.tokenizer(text, add_special_tokens=request.add_special_tokens).input_ids
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.info.max_model_len, tokens=ids,
+                                token_strs=strs).model_dump()
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """vLLM's /detokenize (and the text of a token-id prompt for `echo`)."""
+        from serving.errors import InvalidRequestError
+
+        bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param="tokens")
+        return self.tokenizer.decode(token_ids)
 
     async def model_card(self) -> dict:
         return {"id": self.info.name, "max_model_len": self.info.max_model_len}
@@ -118,6 +145,14 @@ class LLMServer:
             for name in ("step_time_s", "forward_time_s", "model_time_s", "num_seqs"):
                 out[f"recent_{name}_p50"] = statistics.median(getattr(s, name) for s in steps)
         return out
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this every few seconds; the LLM policy (deployments/autoscaling.py) reads it."""
+        last = self.last_stats
+        return self.load.report(num_waiting=self.engine.num_pending,
+                                num_running=last.num_running if last else 0,
+                                num_kv_blocks_used=last.num_kv_blocks_used if last else 0,
+                                num_kv_blocks=self.engine.engine.blocks.num_blocks)
 
     # ---- health and telemetry -------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ HTTP routes and `Router.generate` (for `DeploymentHandle` callers) share one asy
 import asyncio
 import json
 import logging
-import time
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -21,11 +20,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import AppConfig
-from serving.errors import InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
+from serving.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
+from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
 from serving.protocol import (
-    AnyRequest, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatResponseMessage, CompletionChoice, CompletionChunk, CompletionRequest,
-    CompletionResponse, DeltaMessage, GenerationOutput, ModelCard, ModelList, Usage, unique_id,
+    AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
+    CompletionRequest, CompletionResponse, DetokenizeRequest, GenerationOutput, ModelCard, ModelList, ParamError,
+    TokenizeChatRequest, TokenizeCompletionRequest, unique_id,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -47,7 +47,11 @@ def error_response(err: ServingError) -> JSONResponse:
 
 def _validation_error(e: ValidationError) -> InvalidRequestError:
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ParamError):  # a check across fields names its field itself
+        param = cause.param
+    else:
+        param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
     return InvalidRequestError(f"{first.get('msg', 'invalid request')} (param: {param})", param=param)
 
 
@@ -55,11 +59,6 @@ def _router_telemetry():
     from deployments.telemetry import RouterTelemetry
 
     return RouterTelemetry()
-
-
-def _usage(out: GenerationOutput) -> Usage:
-    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
-                 total_tokens=out.num_prompt_tokens + out.num_output_tokens)
 
 
 async def _sse(first: str, rest) -> AsyncIterator[str]:
@@ -75,49 +74,6 @@ async def _sse(first: str, rest) -> AsyncIterator[str]:
     finally:
         await rest.aclose()
     yield "data: [DONE]\n\n"
-
-
-_TEXT = "\u2063TEXT\u2063"  # a placeholder that no generated text equals
-
-
-class _Chunks:
-    """One stream's OpenAI chunks, as pydantic objects (handles) or as SSE lines (HTTP).
-
-    NOTE: the middle chunks of a stream (new text only) are most of its items; their SSE line is
-    a template made once per stream with the text spliced in, not a pydantic model per item."""
-
-    def __init__(self, request: AnyRequest):
-        self.request = request
-        self.is_chat = isinstance(request, ChatCompletionRequest)
-        self.id = unique_id("chatcmpl" if self.is_chat else "cmpl")
-        self.created = int(time.time())
-        self._template: Optional[tuple[str, str]] = None
-
-    def chunk(self, out: GenerationOutput, cached: bool, first: bool):
-        request = self.request
-        reason = out.finish_reason if out.finished else None
-        ids = out.token_ids if request.return_token_ids and not cached else None
-        if self.is_chat:
-            delta = DeltaMessage(role="assistant" if first else None, content=out.text)
-            return ChatCompletionChunk(id=self.id, created=self.created, model=request.model, cached=cached,
-                                       choices=[ChatChunkChoice(delta=delta, finish_reason=reason, token_ids=ids)])
-        return CompletionChunk(id=self.id, created=self.created, model=request.model, cached=cached,
-                               choices=[CompletionChoice(text=out.text, finish_reason=reason, token_ids=ids)])
-
-    def usage_chunk(self, out: GenerationOutput, cached: bool):
-        cls = ChatCompletionChunk if self.is_chat else CompletionChunk
-        return cls(id=self.id, created=self.created, model=self.request.model, choices=[], usage=_usage(out),
-                   cached=cached)
-
-    def sse_line(self, out: GenerationOutput, cached: bool, first: bool) -> str:
-        if first or out.finished or cached or self.request.return_token_ids:
-            return f"data: {self.chunk(out, cached, first).model_dump_json()}\n\n"
-        if self._template is None:
-            line = f"data: {self.chunk(GenerationOutput('', _TEXT), False, False).model_dump_json()}\n\n"
-            head, _, tail = line.partition(json.dumps(_TEXT, ensure_ascii=False))
-            self._template = (head, tail)
-        head, tail = self._template
-        return head + json.dumps(out.text, ensure_ascii=False) + tail
 
 
 # NOTE: Serve pickles the ingress class by value; helpers it calls must be defined above it.
@@ -146,6 +102,14 @@ class Router:
     async def http_chat(self, raw: Request):
         return await self._http(raw, ChatCompletionRequest, "/v1/chat/completions")
 
+    @api.post("/tokenize")
+    async def http_tokenize(self, raw: Request):
+        return await self._http(raw, None, "/tokenize")
+
+    @api.post("/detokenize")
+    async def http_detokenize(self, raw: Request):
+        return await self._http(raw, DetokenizeRequest, "/detokenize")
+
     @api.get("/v1/models")
     async def http_models(self):
         return JSONResponse((await self.models()).model_dump())
@@ -167,10 +131,14 @@ class Router:
                 raise InvalidRequestError("the request body is not valid JSON")
             if not isinstance(body, dict):
                 raise InvalidRequestError("the request body must be a JSON object")
+            if model_cls is None:  # /tokenize: a chat body has messages, as vLLM tells them apart
+                model_cls = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
             try:
                 request = model_cls.model_validate(body)
             except ValidationError as e:
                 raise _validation_error(e)
+            if endpoint in ("/tokenize", "/detokenize"):
+                return JSONResponse(await self._tokenizer_call(request))
             if not request.stream:
                 return JSONResponse((await self._complete(request)).model_dump())
             stream = self._sse_lines(request)
@@ -181,6 +149,8 @@ class Router:
             if err is None:
                 logger.exception("internal error on %s", endpoint)
                 err = ServingError(f"internal error: {type(e).__name__}")
+            elif isinstance(err, ContextLengthError) and model_cls is CompletionRequest:
+                err.param = "prompt"  # NOTE: the engine checks token counts; it does not know the field's name
             status = err.status_code
             self.telemetry.record_error(err)
             return error_response(err)
@@ -195,6 +165,15 @@ class Router:
         if request.stream:
             return self._stream_chunks(request)
         return await self._complete(request)
+
+    async def _tokenizer_call(self, request) -> dict:
+        """/tokenize and /detokenize, answered by the model's LLM server (its tokenizer)."""
+        handle = self.llms.get(request.model)
+        if handle is None:
+            raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
+        if isinstance(request, DetokenizeRequest):
+            return {"prompt": await handle.detokenize.remote(request.tokens)}
+        return await handle.tokenize_only.remote(request)
 
     async def models(self) -> ModelList:
         cards = []
@@ -211,17 +190,21 @@ class Router:
 
     # ---- the shared path ----------------------------------------------------------------------
 
-    async def _outputs(self, request: AnyRequest) -> AsyncIterator[tuple[GenerationOutput, bool]]:
-        """(output, cached) pairs: one from the cache on a hit, else the model's stream."""
+    async def _outputs(self, request: AnyRequest) -> AsyncIterator[tuple[int, GenerationOutput, bool]]:
+        """(choice index, output, cached): one from the cache on a hit, else the model's stream(s)."""
         handle = self._llm_streams.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
+        if request.n > 1:
+            async for item in self._choices(handle, request):
+                yield item
+            return
         lookup = self._cache_lookup_args(request)
         if lookup is not None and lookup[2].read:
             hit = await self._cache_for(lookup[0]).lookup.remote(lookup[0], lookup[1])
             if hit is not None:
                 a = hit.answer
-                yield GenerationOutput(request_id="", text=a.text, finished=True, finish_reason=a.finish_reason,
+                yield 0, GenerationOutput(request_id="", text=a.text, finished=True, finish_reason=a.finish_reason,
                                        num_prompt_tokens=a.num_prompt_tokens,
                                        num_output_tokens=a.num_output_tokens), True
                 return
@@ -230,13 +213,53 @@ class Router:
         texts = []
         async for out in stream:
             texts.append(out.text)
-            yield out, False
+            yield 0, out, False
             if out.finished and lookup is not None and lookup[2].write and out.finish_reason != "abort":
                 self._insert_later(lookup, "".join(texts), out)
 
+    @staticmethod
+    async def _choices(handle: DeploymentHandle, request: AnyRequest):
+        """n > 1: each choice is its own request to the LLM server (choice i of a seeded request with
+        seed + i: reproducible, and the choices differ), their outputs merged as they come. The
+        cache is neither read nor written."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, choice: AnyRequest):
+            try:
+                async for out in handle.generate.remote(choice, unique_id("req")):
+                    queue.put_nowait((index, out, None))
+            except Exception as e:
+                queue.put_nowait((index, None, e))
+
+        seed = request.seed
+        tasks = [asyncio.create_task(pump(i, request.model_copy(update={
+            "n": 1, "seed": None if seed is None else seed + i}))) for i in range(request.n)]
+        try:
+            left = request.n
+            while left:
+                index, out, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield index, out, False
+                left -= out.finished
+        finally:
+            for task in tasks:  # NOTE: cancelling a choice's stream aborts its sequence
+                task.cancel()
+
+    async def _prompt_text(self, request: AnyRequest) -> str:
+        """The prompt's text for `echo` (completions), else ""."""
+        if not isinstance(request, CompletionRequest) or not request.echo:
+            return ""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        handle = self.llms.get(request.model)
+        if handle is None:
+            raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
+        return await handle.detokenize.remote(request.prompt)
+
     def _cache_lookup_args(self, request: AnyRequest):
         """(key, query text, policy) when the cache may be read or written for `request`, else None."""
-        if not self.caches or not self.config.cache.enabled:
+        if not self.caches or not self.config.cache.enabled or request.uses_extensions:
             return None
         from serving.cache.key import build_cache_key, cache_policy, cache_query_text
 
@@ -271,45 +294,63 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     async def _complete(self, request: AnyRequest) -> Union[CompletionResponse, ChatCompletionResponse]:
-        texts, ids, last, cached = [], [], None, False
-        async for out, cached in self._with_timeout(request):
-            texts.append(out.text)
-            ids.extend(out.token_ids)
-            last = out
-        usage = _usage(last)
-        text = "".join(texts)
-        token_ids = ids if request.return_token_ids and not cached else None
-        if isinstance(request, ChatCompletionRequest):
-            return ChatCompletionResponse(model=request.model, usage=usage, cached=cached, choices=[
-                ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason,
-                           token_ids=token_ids)])
-        return CompletionResponse(model=request.model, usage=usage, cached=cached, choices=[
-            CompletionChoice(text=text, finish_reason=last.finish_reason, token_ids=token_ids)])
+        prompt_text = await self._prompt_text(request)
+        n = request.n
+        texts, ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        lasts: list[Optional[GenerationOutput]] = [None] * n
+        prompt_logprobs: list[list] = [[] for _ in range(n)]
+        cached = False
+        async for i, out, cached in self._with_timeout(request):
+            texts[i].append(out.text)
+            ids[i].extend(out.token_ids)
+            if out.logprobs is not None:
+                logprobs[i].extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[i] = out.prompt_logprobs
+            lasts[i] = out
+        usage = usage_of(lasts)
+        asked = request.num_logprobs is not None
+        choices = []
+        for i in range(n):
+            text = "".join(texts[i])
+            token_ids = ids[i] if request.return_token_ids and not cached else None
+            if isinstance(request, ChatCompletionRequest):
+                choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=text),
+                                          finish_reason=lasts[i].finish_reason, token_ids=token_ids,
+                                          logprobs=chat_logprobs(logprobs[i]) if asked else None))
+            else:
+                lp = completion_logprobs(prompt_logprobs[i] + logprobs[i], 0) if asked else None
+                choices.append(CompletionChoice(index=i, text=prompt_text + text, finish_reason=lasts[i].finish_reason,
+                                                logprobs=lp, token_ids=token_ids))
+        cls = ChatCompletionResponse if isinstance(request, ChatCompletionRequest) else CompletionResponse
+        return cls(model=request.model, usage=usage, cached=cached, choices=choices)
 
     async def _stream_chunks(self, request: AnyRequest):
-        """OpenAI stream chunks; the last carries finish_reason, then (if asked) a usage chunk."""
-        chunks = _Chunks(request)
-        async for out, cached, first in self._stream_items(request):
-            yield chunks.chunk(out, cached, first)
-            if out.finished and request.include_usage:
-                yield chunks.usage_chunk(out, cached)
+        """OpenAI stream chunks; each choice's last carries its finish_reason, then (if asked) one usage chunk."""
+        chunks = StreamChunks(request, await self._prompt_text(request))
+        async for i, out, cached, first in self._stream_items(request):
+            yield chunks.chunk(i, out, cached, first)
+            if out.finished and chunks.all_finished and request.include_usage:
+                yield chunks.usage_chunk(cached)
 
     async def _sse_lines(self, request: AnyRequest):
         """The same chunks as `_stream_chunks`, as SSE `data:` lines."""
-        chunks = _Chunks(request)
-        async for out, cached, first in self._stream_items(request):
-            yield chunks.sse_line(out, cached, first)
-            if out.finished and request.include_usage:
-                yield f"data: {chunks.usage_chunk(out, cached).model_dump_json()}\n\n"
+        chunks = StreamChunks(request, await self._prompt_text(request))
+        async for i, out, cached, first in self._stream_items(request):
+            yield chunks.sse_line(i, out, cached, first)
+            if out.finished and chunks.all_finished and request.include_usage:
+                yield f"data: {chunks.usage_chunk(cached).model_dump_json()}\n\n"
 
     async def _stream_items(self, request: AnyRequest):
-        """(output, cached, first) for every output a stream sends (an empty middle one is not)."""
-        first = True
-        async for out, cached in self._with_timeout(request):
-            if not out.text and not out.finished and not first and not request.return_token_ids:
+        """(choice index, output, cached, first) for every output a stream sends: an empty middle one
+        is not, unless it carries token ids or log-probabilities that were asked for."""
+        started = [False] * request.n
+        bare = not request.return_token_ids and request.num_logprobs is None
+        async for i, out, cached in self._with_timeout(request):
+            if not out.text and not out.finished and started[i] and bare:
                 continue
-            yield out, cached, first
-            first = False
+            yield i, out, cached, not started[i]
+            started[i] = True
 
     async def _with_timeout(self, request: AnyRequest):
         """The outputs, with a bound on the wait for each one (never a hung request)."""

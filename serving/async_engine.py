@@ -35,11 +35,13 @@ class _Stream:
     """One request's outputs on the event loop: what the step thread produced and the consumer has
     not taken yet, merged into one item (fewer, bigger items when the consumer is slower)."""
 
-    __slots__ = ("texts", "token_ids", "last", "error", "wake", "holding")
+    __slots__ = ("texts", "token_ids", "logprobs", "prompt_logprobs", "last", "error", "wake", "holding")
 
     def __init__(self):
         self.texts: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list = []  # of the merged outputs, when the request asked for them
+        self.prompt_logprobs = None
         self.last: Optional[GenerationOutput] = None  # the newest output not yet taken
         self.error: Optional[BaseException] = None
         self.wake = asyncio.Event()  # set when the consumer should look
@@ -48,6 +50,10 @@ class _Stream:
     def add(self, out: GenerationOutput) -> None:
         self.texts.append(out.text)
         self.token_ids += out.token_ids
+        if out.logprobs is not None:
+            self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.last = out
         if not self.holding or out.finished:  # NOTE: a finished request's last item never waits
             self.wake.set()
@@ -60,8 +66,9 @@ class _Stream:
         out, self.last = self.last, None
         if len(self.texts) > 1:
             out = GenerationOutput(out.request_id, "".join(self.texts), self.token_ids, out.finished,
-                                   out.finish_reason, out.num_prompt_tokens, out.num_output_tokens)
-        self.texts, self.token_ids = [], []
+                                   out.finish_reason, out.num_prompt_tokens, out.num_output_tokens,
+                                   self.logprobs if out.logprobs is not None else None, self.prompt_logprobs)
+        self.texts, self.token_ids, self.logprobs, self.prompt_logprobs = [], [], [], None
         return out
 
 

@@ -2,7 +2,8 @@
 
 Text is released only when it is final: never half a UTF-8 character (a byte-level token can end
 inside one), and never text that might still turn out to be the start of a stop string. A stop
-string found in the text ends the sequence and is not emitted, even when it spans tokens.
+string found in the text ends the sequence and is not emitted (unless `include_stop_str`), even
+when it spans tokens; before `min_tokens` tokens no stop string is looked for.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 include_stop_str: bool = False, min_tokens: int = 0):
         # NOTE: a fast tokenizer's Rust object decodes several times faster than the HF wrapper
         backend = getattr(tokenizer, "_tokenizer", None)
         self._decode_ids = backend.decode if backend is not None else tokenizer.decode
         self.stop = tuple(stop)
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str = include_stop_str
+        self.min_tokens = min_tokens
         self.ids: list[int] = []
         self.text = ""  # decoded output so far (complete characters only)
         self.num_emitted = 0  # chars of self.text already released
@@ -31,7 +36,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decode_ids(ids, skip_special_tokens=True)
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> None:
         """Adds one generated token; sets `stopped` when a stop string appears."""
@@ -52,14 +57,16 @@ class IncrementalDetokenizer:
             self._prefix_text = None
         else:
             self._prefix_text = full
-        if self.stop:
+        if self.stop and len(self.ids) >= self.min_tokens:
             hit = self._find_stop(search_from)
             if hit is not None:
-                self.text = self.text[:hit]
+                at, stop = hit
+                self.text = self.text[:at + len(stop)] if self.include_stop_str else self.text[:at]
                 self.stopped = True
 
-    def _find_stop(self, start: int) -> Optional[int]:
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i != -1]
+    def _find_stop(self, start: int) -> Optional[tuple[int, str]]:
+        """The first stop string in the text from `start`: (where, which)."""
+        found = [(i, s) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i != -1]
         return min(found) if found else None
 
     def _held_back(self) -> int:

@@ -15,7 +15,7 @@ from serving.config import LLMConfig
 from serving.detokenizer import IncrementalDetokenizer
 from serving.errors import ContextLengthError, InvalidRequestError
 from serving.model_loader import ModelInfo
-from serving.protocol import GenerationOutput
+from serving.protocol import GenerationOutput, TokenLogprob
 from serving.sampling import SamplingParams
 from serving.scheduler import ScheduledBatch, Scheduler
 from serving.sequence import Sequence
@@ -43,6 +43,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._released: list[int] = []  # seq ids whose sampler state the ranks may drop
         self._finished_stats: list[RequestStats] = []  # taken by the owner (metrics): take_finished()
+        self._token_texts: dict[int, str] = {}  # token id -> its text, for log-probabilities
 
     # ---- the three verbs ----------------------------------------------------------------------
 
@@ -63,6 +64,10 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.info.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+        for param, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param=param)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None) -> None:
@@ -72,7 +77,8 @@ class LLMEngine:
         self.check_request(prompt_token_ids, params)
         seq = Sequence(request_id, prompt_token_ids, params, arrival_time)
         self._seqs[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                                         params.include_stop_str_in_output, params.min_tokens)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -92,15 +98,19 @@ class LLMEngine:
                 if seq.stats.first_scheduled_time is None:
                     seq.stats.first_scheduled_time = now
             inp, sampled = self._build_input(batch)
+            scored = self._ask_prompt_logprobs(inp, batch)
             t1 = time.perf_counter()
             result = self.executor.execute(inp)
             stats.forward_time_s = time.perf_counter() - t1
             stats.model_time_s = result.model_time_s
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
+            if scored:
+                self._take_prompt_logprobs(scored, result.prompt_logprobs)
+            logprobs = dict(zip(inp.logprob_rows, result.logprobs))
             now = time.monotonic()
-            for seq, token in zip(sampled, result.token_ids):
-                outputs.append(self._append_token(seq, token, now))
+            for j, (seq, token) in enumerate(zip(sampled, result.token_ids)):
+                outputs.append(self._append_token(seq, token, now, logprobs.get(j)))
         self._fill_counts(stats)
         stats.step_time_s = time.perf_counter() - t0
         return outputs, stats
@@ -159,18 +169,93 @@ class LLMEngine:
             released_seq_ids=self._released,
         )
         self._released = []
+        self._ask_processing(inp, sampled)
         return inp, sampled
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> GenerationOutput:
+    # ---- per-row processing and log-probabilities (serving/logits_processors.py) --------------
+
+    @staticmethod
+    def _ask_processing(inp: StepInput, sampled: list[Sequence]) -> None:
+        """Fills the step's min-p, logits-processing and log-probability fields for the sampled rows
+        that use them; a step whose rows use none carries empty lists."""
+        if any(s.params.min_p > 0.0 for s in sampled):
+            inp.min_ps = [s.params.min_p for s in sampled]
+        for j, seq in enumerate(sampled):
+            p = seq.params
+            if p.logprobs is not None:
+                inp.logprob_rows.append(j)
+                inp.num_top_logprobs.append(p.logprobs)
+            banned = list(p.stop_token_ids) if seq.num_output_tokens < p.min_tokens else []
+            if not (p.logit_bias or banned or p.has_penalties):
+                continue
+            inp.proc_rows.append(j)
+            inp.logit_biases.append(list(p.logit_bias))
+            inp.banned_token_ids.append(banned)
+            inp.repetition_penalties.append(p.repetition_penalty)
+            inp.frequency_penalties.append(p.frequency_penalty)
+            inp.presence_penalties.append(p.presence_penalty)
+            prompt = None
+            if p.has_penalties and not seq.sent_penalty_prompt:
+                # NOTE: a sequence is first sampled at the end of its prompt; after that the rank adds
+                # every token it samples itself (a preempted sequence keeps its seq id and history)
+                assert seq.num_output_tokens == 0
+                prompt = seq.token_ids[:seq.num_prompt_tokens]
+                seq.sent_penalty_prompt = True
+            inp.penalty_prompts.append(prompt)
+
+    @staticmethod
+    def _ask_prompt_logprobs(inp: StepInput, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Asks for the log-probability of each prompt token that this step's chunks predict and that
+        was not scored yet (the logits at position p predict token p + 1). Returns (sequence, count)."""
+        scored = []
+        start = 0  # the sequence's first position in the packed row
+        for seq, n in batch.entries:
+            if seq.prompt_logprobs is not None:
+                nc = seq.num_computed_tokens
+                targets = range(max(len(seq.prompt_logprobs), nc + 1), min(nc + n, seq.num_prompt_tokens - 1) + 1)
+                for t in targets:
+                    inp.prompt_logprob_positions.append(start + t - 1 - nc)
+                    inp.prompt_logprob_targets.append(seq.token_ids[t])
+                    inp.prompt_num_top_logprobs.append(seq.params.prompt_logprobs)
+                if targets:
+                    scored.append((seq, len(targets)))
+            start += n
+        return scored
+
+    def _take_prompt_logprobs(self, scored: list[tuple[Sequence, int]], results: list) -> None:
+        i = 0
+        for seq, count in scored:
+            targets = seq.token_ids[len(seq.prompt_logprobs):len(seq.prompt_logprobs) + count]
+            seq.prompt_logprobs += [self._token_logprob(t, r) for t, r in zip(targets, results[i:i + count])]
+            i += count
+
+    def _token_logprob(self, token: int, result: tuple[float, list[int], list[float]]) -> TokenLogprob:
+        logprob, top_ids, top_logprobs = result
+        return TokenLogprob(self._token_text(token), logprob,
+                            [(self._token_text(t), lp) for t, lp in zip(top_ids, top_logprobs)])
+
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            # NOTE: the fast tokenizer's Rust object: the HF wrapper's decode cost ~1 ms a call here
+            backend = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+            text = self._token_texts[token] = backend.decode([token], skip_special_tokens=False)
+        return text
+
+    def _append_token(self, seq: Sequence, token: int, now: float, logprob=None) -> GenerationOutput:
         seq.token_ids.append(token)
         st = seq.stats
-        if st.first_token_time is None:
+        first = st.first_token_time is None
+        if first:
             st.first_token_time = now
         st.token_times.append(now)
         detok = self._detok[seq.request_id]
         reason = None
+        # NOTE: min_tokens keeps stop ids out of the sampler's reach until then (a banned logit)
         if token in seq.params.stop_token_ids:
             reason = "stop"
+            if seq.params.include_stop_str_in_output:
+                detok.add(token)
         else:
             detok.add(token)
             if detok.stopped:
@@ -181,6 +266,10 @@ class LLMEngine:
         out = GenerationOutput(request_id=seq.request_id, text=text, token_ids=[token],
                                finished=reason is not None, finish_reason=reason,
                                num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+        if logprob is not None:
+            out.logprobs = [self._token_logprob(token, logprob)]
+        if first and seq.prompt_logprobs is not None:
+            out.prompt_logprobs = [TokenLogprob(self._token_text(seq.token_ids[0]), None), *seq.prompt_logprobs[1:]]
         if reason is not None:
             self._finish(seq, reason)
         return out

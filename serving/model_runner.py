@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from serving.logits_processors import LogitsProcessor, token_logprobs
 from serving.step import StepInput, StepOutput
 
 ATTN_NAME = "engine_paged"
@@ -46,8 +47,10 @@ class StepTensors:
         slots = [t[p // bs] * bs + p % bs for t, c, n in zip(tables, ctx, qlens) for p in range(c - n, c)]  # [T]
         # NOTE: every query length is >= 1, so as many sampled sequences as tokens is a pure decode step
         # sampling every position: logits_to_keep=0 keeps them all without an index
-        keep_all = num_sampled == num_tokens
-        logits_rows = [] if keep_all else [starts[i + 1] - 1 for i in inp.sample_rows]  # [S] last new tokens
+        # (prompt log-probabilities keep more positions, after the sampled ones)
+        keep_all = num_sampled == num_tokens and not inp.prompt_logprob_positions
+        logits_rows = [] if keep_all else [*(starts[i + 1] - 1 for i in inp.sample_rows),  # [S] last new tokens
+                                           *inp.prompt_logprob_positions]
         padded = itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables)  # [B * width]
         ints = torch.tensor([*inp.token_ids, *positions, *slots, *ctx, *logits_rows, *padded],
                             dtype=torch.long, device=device)
@@ -227,13 +230,31 @@ class StepRunner:
 
         self.runner = ModelRunner(model, num_blocks, block_size, device)
         self.sampler = Sampler() if samples else None
+        self.processor = LogitsProcessor()
 
+    @torch.inference_mode()
     def execute(self, inp: StepInput) -> Optional[StepOutput]:
-        """Rank 0's sampled tokens and model time; None on ranks that do not sample."""
+        """Rank 0's sampled tokens (with their log-probabilities where asked) and model time; None on
+        ranks that do not sample."""
         t0 = time.perf_counter()
-        logits = self.runner.forward(inp)
+        logits = self.runner.forward(inp)  # [S + prompt positions, V]
         if self.sampler is None:
             return None
         self.sampler.release(inp.released_seq_ids)
-        tokens = self.sampler.sample(logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks, inp.seeds)
-        return StepOutput(tokens, time.perf_counter() - t0)
+        self.processor.release(inp.released_seq_ids)
+        num_sampled = len(inp.sample_rows)
+        sample_logits = logits[:num_sampled]  # NOTE: a view, processed in place
+        raw = sample_logits[inp.logprob_rows] if inp.logprob_rows else None  # a copy: before processing
+        self.processor.apply(sample_logits, inp)
+        tokens = self.sampler.sample(sample_logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks,
+                                     inp.seeds, inp.min_ps)
+        self.processor.record(tokens)
+        out = StepOutput(tokens)
+        if raw is not None:
+            out.logprobs = token_logprobs(raw, torch.tensor([tokens[r] for r in inp.logprob_rows]),
+                                          inp.num_top_logprobs)
+        if inp.prompt_logprob_positions:
+            out.prompt_logprobs = token_logprobs(logits[num_sampled:], torch.tensor(inp.prompt_logprob_targets),
+                                                 inp.prompt_num_top_logprobs)
+        out.model_time_s = time.perf_counter() - t0
+        return out

@@ -40,26 +40,41 @@ class CacheControl(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: every chunk carries the usage so far
+
+
+class ParamError(ValueError):
+    """A request field's value is invalid; `param` names the field (the error body's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 # Parameters OpenAI defines that we accept only at a neutral value (None always is); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
-    "n": (1,),
     "best_of": (1,),
-    "echo": (False,),
-    "frequency_penalty": (0.0,),
-    "presence_penalty": (0.0,),
-    "logprobs": (False,),  # chat: a bool (default false); completions: an int
-    "top_logprobs": (0,),
-    "logit_bias": ({},),
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
+    # NOTE: structured output (json_object, json_schema) is its own piece of work, not yet wired in
     "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False),  # meaningless without tools
     "functions": ([],),
     "function_call": ("none",),
 }
+
+# Output-changing parameters beyond the core ones, at their defaults: a request that sets any of
+# them is neither read from nor written to the semantic cache (its key does not hold them).
+_EXTENSION_DEFAULTS: dict[str, Any] = {
+    "n": 1, "echo": False, "presence_penalty": 0.0,
+    "frequency_penalty": 0.0, "logit_bias": None, "ignore_eos": False, "min_tokens": 0, "min_p": 0.0,
+    "repetition_penalty": 1.0, "stop_token_ids": None, "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+}
+
+MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # top log-probabilities per token (vLLM's default limit; OpenAI's is 20 for chat)
 
 
 class _SamplingFields(_Strict):
@@ -74,17 +89,21 @@ class _SamplingFields(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     cache: Optional[CacheControl] = None
-    # Extension (as in vLLM): return the generated token ids with each choice.
-    return_token_ids: bool = False
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[int, float]] = None  # token id (a JSON string key) -> bias in [-100, 100]
+    # Extensions, as vLLM takes them in the body.
+    return_token_ids: bool = False  # the generated token ids with each choice
+    ignore_eos: bool = False  # do not stop at the model's EOS token
+    min_tokens: int = Field(default=0, ge=0)  # no EOS, stop token or stop string before this many tokens
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop_token_ids: Optional[list[int]] = None  # more tokens that end the output (not in its text)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Accepted only at their neutral values (see _NEUTRAL).
-    n: Optional[int] = 1
     best_of: Optional[int] = None
-    echo: Optional[bool] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logprobs: Optional[Any] = None
-    top_logprobs: Optional[int] = None
-    logit_bias: Optional[dict] = None
     suffix: Optional[str] = None
     tools: Optional[list] = None
     tool_choice: Optional[Any] = None
@@ -92,6 +111,11 @@ class _SamplingFields(_Strict):
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list] = None
     function_call: Optional[Any] = None
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n(cls, v):
+        return 1 if v is None else v  # the openai client may send "n": null
 
     @field_validator("top_k")
     @classmethod
@@ -112,16 +136,31 @@ class _SamplingFields(_Strict):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v and any(not -100.0 <= b <= 100.0 for b in v.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        return v
+
     @model_validator(mode="after")
     def _neutral_only(self):
-        for name, neutral in _NEUTRAL.items():
+        for name, neutral in self._neutral().items():
             value = getattr(self, name)
             if value is None or any(value == v and type(value) is type(v) or
                                     (isinstance(v, float) and isinstance(value, (int, float)) and value == v)
                                     for v in neutral):
                 continue
-            raise ValueError(f"parameter '{name}'={value!r} is not supported (only {' or '.join(map(repr, neutral))})")
+            raise ParamError(name, f"parameter '{name}'={value!r} is not supported "
+                                   f"(only {' or '.join(map(repr, neutral))})")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                                           f"({self.max_tokens})")
         return self
+
+    @classmethod
+    def _neutral(cls) -> dict[str, tuple]:
+        return _NEUTRAL
 
     @property
     def stop_list(self) -> list[str]:
@@ -131,9 +170,35 @@ class _SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def uses_extensions(self) -> bool:
+        """Sets an output-changing parameter that the semantic cache's key does not hold."""
+        return self.num_logprobs is not None or any(
+            getattr(self, name) not in (None, default) for name, default in _EXTENSION_DEFAULTS.items())
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((self.logit_bias or {}).items())
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        """Top log-probabilities per generated token (0: the token's own only); None: none asked."""
+        raise NotImplementedError
+
+    @property
+    def num_prompt_logprobs(self) -> Optional[int]:
+        """The same for the prompt's tokens (completions with `echo`); None: none asked."""
+        return None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[int]]
+    echo: bool = False  # the prompt before the completion (and its tokens' log-probabilities)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -141,6 +206,14 @@ class CompletionRequest(_SamplingFields):
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
         return v
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> Optional[int]:
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(_Strict):
@@ -163,6 +236,14 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: Optional[bool] = None  # vLLM's chat echo: not supported
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, v):
+        return False if v is None else v
 
     @model_validator(mode="after")
     def _messages(self):
@@ -170,10 +251,51 @@ class ChatCompletionRequest(_SamplingFields):
             _ = m.text  # raises for non-text parts
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
+
+    @classmethod
+    def _neutral(cls) -> dict[str, tuple]:
+        return {**_NEUTRAL, "echo": (False,)}
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 AnyRequest = Union[CompletionRequest, ChatCompletionRequest]
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /tokenize for a prompt."""
+
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's /tokenize for a conversation: its chat template applied, as the chat endpoint does."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str
+    tokens: list[int]
 
 
 class Usage(BaseModel):
@@ -281,6 +403,15 @@ class ErrorResponse(BaseModel):
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the most likely tokens at its position."""
+
+    token: str
+    logprob: Optional[float]  # None for a prompt's first token (nothing predicts it)
+    top: list[tuple[str, float]] = field(default_factory=list)  # best first
+
+
+@dataclass(slots=True)
 class GenerationOutput:
     """One stream item of a generation, as the LLM server yields it (engine-level, not OpenAI).
 
@@ -294,3 +425,5 @@ class GenerationOutput:
     finish_reason: Optional[str] = None  # "stop", "length" or "abort" once finished
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: Optional[list[TokenLogprob]] = None  # one per new token id, when asked
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # on the first output, when asked

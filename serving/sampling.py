@@ -19,13 +19,45 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 = disabled
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 = off)
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = field(default=())  # EOS ids; never emitted as text
+    # Token ids that end the sequence: the model's EOS ids (unless ignore_eos) and the request's
+    # stop_token_ids. Their text is not emitted unless include_stop_str_in_output.
+    stop_token_ids: tuple[int, ...] = field(default=())
+    min_tokens: int = 0  # stop_token_ids and stop strings are held back until this many tokens
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # Logits processing (serving/logits_processors.py)
+    repetition_penalty: float = 1.0  # > 1 discourages any token of the prompt or the output (CTRL, as HF)
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token was generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    logprobs: Optional[int] = None  # the sampled token's log-probability and this many top ones; None = off
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token (the first has none)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def request_sampling_params(request, max_tokens: int, eos_token_ids: tuple[int, ...]) -> SamplingParams:
+    """The engine's parameters for one OpenAI request (`serving.protocol`): a chat or completion
+    request, one choice of it (the router sends each of n choices as its own request)."""
+    stop_ids = tuple(request.stop_token_ids or ()) + (() if request.ignore_eos else tuple(eos_token_ids))
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        min_p=request.min_p, seed=request.seed, stop=tuple(request.stop_list),
+        stop_token_ids=tuple(dict.fromkeys(stop_ids)), min_tokens=request.min_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        skip_special_tokens=request.skip_special_tokens, repetition_penalty=request.repetition_penalty,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        logit_bias=request.logit_bias_pairs, logprobs=request.num_logprobs,
+        prompt_logprobs=request.num_prompt_logprobs)
 
 
 def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +81,16 @@ def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
     drop |= mass_before >= top_ps[:, None]
     drop[:, 0] = False  # the top token always survives
     return sorted_logits.masked_fill(drop, float("-inf")), order
+
+
+def min_p_filter(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """logits: [N, V] (after temperature); min_ps: [N] (0 = off). Sets at -inf every token whose
+    probability is below min_p times the row's highest.
+
+    p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed (log 0 = -inf keeps all).
+    """
+    floor = logits.max(dim=-1, keepdim=True).values + min_ps.log()[:, None]  # [N, 1]
+    return logits.masked_fill(logits < floor, float("-inf"))
 
 
 def inverse_cdf_sample(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -84,8 +126,9 @@ class Sampler:
         return stream
 
     def sample(self, logits: torch.Tensor, seq_ids: list[int], temperatures: list[float], top_ps: list[float],
-               top_ks: list[int], seeds: list[Optional[int]]) -> list[int]:
-        """logits: [S, V] float32 -> S token ids."""
+               top_ks: list[int], seeds: list[Optional[int]], min_ps: Optional[list[float]] = None) -> list[int]:
+        """logits: [S, V] float32 -> S token ids. `min_ps` (None or empty: all 0) applies to sampled rows only:
+        the most likely token always survives it, so it never changes a greedy row."""
         tokens = logits.argmax(dim=-1)  # [S]
         sampled = [i for i, t in enumerate(temperatures) if t > 0.0]
         if not sampled:  # NOTE: a greedy batch draws, sorts and normalises nothing
@@ -94,6 +137,8 @@ class Sampler:
         rows = torch.tensor(sampled, device=dev)
         temps = torch.tensor([temperatures[i] for i in sampled], device=dev)[:, None]
         scaled = (logits if len(sampled) == len(temperatures) else logits[rows]) / temps  # [N, V]
+        if min_ps and any(min_ps[i] > 0.0 for i in sampled):
+            scaled = min_p_filter(scaled, torch.tensor([min_ps[i] for i in sampled], device=dev))
         ks, ps = [top_ks[i] for i in sampled], [top_ps[i] for i in sampled]
         ids = None  # [N, K] vocabulary ids of the candidates, None: the whole vocabulary in order
         if any(0 < k < vocab for k in ks) or any(p < 1.0 for p in ps):

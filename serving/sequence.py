@@ -1,4 +1,4 @@
-"""Request state inside the engine: one `Sequence` per request (n=1)."""
+"""Request state inside the engine: one `Sequence` per request (each of n choices is its own request)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
+        # With params.prompt_logprobs: one entry per prompt token scored so far (the first, unscored: None).
+        self.prompt_logprobs: Optional[list] = [None] if params.prompt_logprobs is not None else None
+        self.sent_penalty_prompt = False  # the sampling rank holds this sequence's token history
         self.stats = RequestStats(request_id, arrival_time if arrival_time is not None else time.monotonic(),
                                   num_prompt_tokens=self.num_prompt_tokens)
 

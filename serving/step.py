@@ -29,6 +29,25 @@ class StepInput:
     top_ps: list[float] = field(default_factory=list)
     top_ks: list[int] = field(default_factory=list)
     seeds: list[Optional[int]] = field(default_factory=list)
+    min_ps: list[float] = field(default_factory=list)
+    # Logits processing (serving/logits_processors.py), only for the sampled rows that use any:
+    # proc_rows are indices into the lists above; the lists below have one entry per proc row.
+    proc_rows: list[int] = field(default_factory=list)
+    logit_biases: list[list[tuple[int, float]]] = field(default_factory=list)  # (token id, bias)
+    banned_token_ids: list[list[int]] = field(default_factory=list)  # min_tokens: stop ids not allowed yet
+    repetition_penalties: list[float] = field(default_factory=list)
+    frequency_penalties: list[float] = field(default_factory=list)
+    presence_penalties: list[float] = field(default_factory=list)
+    # A penalised sequence's prompt on its first sampled step (rank 0 keeps the history), else None.
+    penalty_prompts: list[Optional[list[int]]] = field(default_factory=list)
+    # Log-probabilities: of the tokens sampled in these rows (indices into the sampled lists) ...
+    logprob_rows: list[int] = field(default_factory=list)
+    num_top_logprobs: list[int] = field(default_factory=list)  # per logprob row
+    # ... and of prompt tokens: the logits at these packed positions are kept too (after the
+    # sampled ones), each scored against its target (the prompt's next token).
+    prompt_logprob_positions: list[int] = field(default_factory=list)
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    prompt_num_top_logprobs: list[int] = field(default_factory=list)
     # Sequences that ended since the last step: their per-request RNG state can go.
     released_seq_ids: list[int] = field(default_factory=list)
 
@@ -38,6 +57,9 @@ class StepOutput:
     """Rank 0's answer to one step."""
 
     token_ids: list[int]  # [S] one sampled token per sampled sequence, in sample_rows order
+    # (log-probability, top ids, top log-probabilities): one per logprob row, one per prompt position
+    logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
     model_time_s: float = 0.0  # rank 0's forward + sampling (no transport)
 
 

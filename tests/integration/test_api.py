@@ -117,7 +117,7 @@ BAD = [
     ("/v1/completions", {"model": TINY_NAME, "prompt": 5}, 400),
     ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "max_tokens": "many"}, 400),
     ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "max_tokens": -3}, 400),
-    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "n": 2}, 400),
+    ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "best_of": 2}, 400),
     ("/v1/completions", {"model": TINY_NAME, "prompt": "x", "frobnicate": True}, 400),
     ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404),
     ("/v1/completions", {"model": TINY_NAME, "prompt": "word " * 3000}, 400),
