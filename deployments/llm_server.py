@@ -1,9 +1,10 @@
 """The LLM server deployment: one replica = one engine, built by `parallel.build.build_engine`.
 
-The replica is tensor-parallel rank 0: it runs the model (its shard) in the engine's step thread.
-Its placement group has one bundle per rank, packed on one node (`deployment_options`): bundle 0
-is the replica itself, bundles 1..N-1 hold the other ranks' actors, so Serve's autoscaler asks
-for whole TP groups.
+The replica tokenizes, admits and streams; the engine steps in a process of its own next to it
+(`parallel.engine_process.EngineProcess`, rank 0, the default) or, with `engine_process=false`,
+in a thread of the replica (then the replica is rank 0). The placement group has one bundle per
+rank, packed on one node (`deployment_options`): bundle 0 holds the replica and rank 0, bundles
+1..N-1 the other ranks' actors, so Serve's autoscaler asks for whole TP groups.
 """
 
 from __future__ import annotations
@@ -28,12 +29,25 @@ logger = logging.getLogger("ray.serve")
 class LLMServer:
     def __init__(self, config: LLMConfig):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from parallel.build import build_engine
+        from parallel.build import build_engine, resolve_device
         from serving.async_engine import AsyncEngine
+        from serving.model_loader import load_model_info, load_tokenizer
 
         self.config = config
-        engine = build_engine(config)
-        self.info, self.tokenizer = engine.info, engine.tokenizer
+        device = resolve_device(config)
+        self.core = None  # the engine's own process (an actor handle), when it has one
+        if config.parallel.engine_process:
+            from parallel.engine_process import start_engine_process
+            from parallel.worker_group import worker_bundles
+
+            self.info = load_model_info(config.model)
+            self.tokenizer = load_tokenizer(self.info.path)
+            engine, self.num_kv_blocks = start_engine_process(
+                config, device, worker_bundles(config, device)[0].get("GPU", 0))
+            self.core = engine.core
+        else:
+            engine = build_engine(config, device)
+            self.info, self.tokenizer, self.num_kv_blocks = engine.info, engine.tokenizer, engine.blocks.num_blocks
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
                                   stream_interval_s=config.scheduler.stream_interval_s,
@@ -43,22 +57,25 @@ class LLMServer:
         self.load = ReplicaLoad()  # what record_autoscaling_stats() reports
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
-        logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s", self.info.name,
-                    config.parallel.tensor_parallel_size, engine.blocks.num_blocks, config.parallel.executor)
+        logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
+                    config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
+                    config.parallel.engine_process)
 
     @classmethod
     def deployment_options(cls, config: LLMConfig, device: str) -> dict:
         """Serve options for this model: name, replicas or autoscaling, and the placement-group
-        bundles: bundle 0 is the replica itself, which is rank 0, then one per further rank."""
+        bundles: bundle 0 holds the replica and rank 0, then one per further rank."""
         from parallel.worker_group import worker_bundles
 
         serve_opts = config.serve
         bundles = worker_bundles(config, device)
+        # NOTE: the replica takes bundle 0's CPU; its GPU goes to rank 0 (the engine's process, if any)
+        replica_gpus = 0 if config.parallel.engine_process else bundles[0].get("GPU", 0)
         opts: dict = {
             "max_ongoing_requests": serve_opts.max_ongoing_requests,
             "health_check_period_s": serve_opts.health_check_period_s,
             "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
-            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": replica_gpus},
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
         }
@@ -137,7 +154,7 @@ class LLMServer:
         """Counters of this replica (requests that reached the engine, KV blocks in use)."""
         steps = list(self.recent_steps)
         last = self.last_stats
-        num_blocks = self.engine.engine.blocks.num_blocks  # NOTE: fixed at start; the step thread owns the rest
+        num_blocks = self.num_kv_blocks
         out = {"num_requests": self.num_requests, "num_kv_blocks": num_blocks,
                "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
                "num_pending": self.engine.num_pending}
@@ -152,7 +169,13 @@ class LLMServer:
         return self.load.report(num_waiting=self.engine.num_pending,
                                 num_running=last.num_running if last else 0,
                                 num_kv_blocks_used=last.num_kv_blocks_used if last else 0,
-                                num_kv_blocks=self.engine.engine.blocks.num_blocks)
+                                num_kv_blocks=self.num_kv_blocks)
+
+    async def placement(self) -> dict:
+        """Where this replica and its engine's process (None without one) run: pid, node, placement group."""
+        from parallel.engine_process import where
+
+        return {"replica": where(), "engine_process": await self.core.where.remote() if self.core is not None else None}
 
     # ---- health and telemetry -------------------------------------------------------------------
 
@@ -160,7 +183,10 @@ class LLMServer:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if self.engine.error is not None:
             raise RuntimeError(f"engine failed: {self.engine.error}")
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
+        if self.core is not None:
+            await self.core.check_health.remote()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
 
     def _on_step(self, stats, finished) -> None:
         self.last_stats = stats
@@ -173,7 +199,12 @@ class LLMServer:
     def __del__(self):
         try:
             self.engine.shutdown()
-            self.engine.engine.executor.shutdown()
+            if self.core is not None:
+                import ray
+
+                ray.kill(self.core)  # NOTE: its rank actors are its own: they go with it
+            else:
+                self.engine.engine.executor.shutdown()
         except Exception:
             pass
 

@@ -1,14 +1,13 @@
-"""The engine behind an asyncio event loop: a step thread, a watchdog, and one stream per request.
+"""The engine behind an asyncio event loop: one stream per request, fed by the engine core.
 
-The engine is single-threaded: one dedicated thread runs `step()` back to back, and requests are
-added and aborted only between steps (queued under a lock by the event loop, applied by the step
-thread). Each step's outputs, and the stats of the requests that ended, go to the event loop in
-one callback. So the event loop never blocks on a forward pass, the next step never waits for the
-event loop, and the engine's state is touched by one thread only.
+The engine core (`serving.engine_core.StepLoop`) steps the engine on a thread of its own, in this
+process (`AsyncEngine(engine)`) or in a process of its own (`AsyncEngine(EngineCoreClient)`, the
+Serve replica's default). Each step's outputs, and the stats of the requests that ended, reach the
+event loop in one callback. So the event loop never blocks on a forward pass, and the next step
+never waits for the event loop.
 
-A watchdog thread turns a hung step (a rank that died inside a collective) into an error: every
-request in flight ends with 503 and the engine stays failed, so the health check fails and Serve
-replaces the replica.
+When the engine fails (a step raised or hung), every request in flight ends with 503 and the
+engine stays failed, so the health check fails and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -17,18 +16,16 @@ import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Union
 
 from serving.engine import LLMEngine
+from serving.engine_core import EngineCoreClient, StepLoop
 from serving.errors import InvalidRequestError, OverloadedError, ServingError, UnavailableError
 from serving.protocol import GenerationOutput
 from serving.sampling import SamplingParams
 from serving.stats import RequestStats, StepStats
 
 logger = logging.getLogger(__name__)
-
-# A step running longer than this gets its ranks pinged by the watchdog (`executor.check_health`).
-PROBE_AFTER_S = 2.0
 
 
 class _Stream:
@@ -73,10 +70,12 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int,
+    def __init__(self, engine: Union[LLMEngine, EngineCoreClient], max_waiting_requests: int,
                  on_step: Optional[Callable[[StepStats, list[RequestStats]], None]] = None,
                  stream_interval_s: float = 0.0, max_stream_items_per_s: float = 0.0,
                  step_timeout_s: float = 120.0):
+        # An LLMEngine is stepped by a thread of this process; an EngineCoreClient's engine by a
+        # thread of the core's process (built with the same stream_interval_s and step_timeout_s).
         self.engine = engine
         # Minimum time between two items of one stream: every stream item costs CPU in every Serve
         # hop, so tokens go out in small groups, bigger ones when many streams share the replica
@@ -89,26 +88,14 @@ class AsyncEngine:
         # that ended; also when only aborts were applied (stats of no step: num_seqs 0).
         self.on_step = on_step
         self._streams: dict[str, _Stream] = {}  # event-loop side only
-        self._lock = threading.Lock()  # guards _to_add and _to_abort
-        self._to_add: list[tuple] = []
-        self._to_abort: set[str] = set()
-        self._work = threading.Event()
-        # NOTE: set when the event loop has taken the last step's outputs. The step thread waits
-        # for it before handing over the next step's, so it never runs more than one step ahead
-        # of the event loop: a fast step (a tiny model, an accelerator) cannot starve the loop of
-        # the GIL, and outputs never pile up in callbacks that the loop has not run yet.
-        self._taken = threading.Event()
-        self._taken.set()
-        self._thread: Optional[threading.Thread] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._closed = threading.Event()  # set by shutdown(): stops both threads, wakes the watchdog at once
-        self._watchdog: Optional[threading.Thread] = None
-        self._step_started: Optional[float] = None  # monotonic start of the step in flight, if any
-        self.error: Optional[BaseException] = None  # set when a step failed: the replica is unhealthy
+        self._core: Union[StepLoop, EngineCoreClient, None] = None  # started by the first request
+        self._sink: Optional[_LoopSink] = None
+        self.error: Optional[BaseException] = None  # set when the engine failed: the replica is unhealthy
 
     @property
     def num_pending(self) -> int:
-        return len(self._to_add) + self.engine.num_waiting
+        """Requests not yet scheduled (the admission limit counts these)."""
+        return self._core.num_pending if self._core is not None else 0
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[GenerationOutput]:
@@ -119,13 +106,12 @@ class AsyncEngine:
             raise OverloadedError(f"{self.num_pending} requests are already waiting", retry_after=2.0)
         if request_id in self._streams:
             raise InvalidRequestError(f"duplicate request id {request_id!r}: one is already in flight")
-        self.engine.check_request(prompt_token_ids, params)  # 4xx now, not from inside the loop
+        if isinstance(self.engine, LLMEngine):  # 4xx now, not from inside the loop (the core's: its first item)
+            self.engine.check_request(prompt_token_ids, params)
         stream = _Stream()
         self._streams[request_id] = stream
-        with self._lock:
-            self._to_add.append((request_id, prompt_token_ids, params, time.monotonic()))
-        self._ensure_threads()
-        self._work.set()
+        self._ensure_core()
+        self._core.add(request_id, prompt_token_ids, params, time.monotonic())
         finished = False
         try:
             while True:
@@ -153,9 +139,7 @@ class AsyncEngine:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
             if not finished:
-                with self._lock:
-                    self._to_abort.add(request_id)
-                self._work.set()
+                self._core.abort(request_id)
 
     def _stream_interval(self) -> float:
         """Seconds between a stream's items: at least `stream_interval_s`, and long enough that
@@ -164,97 +148,14 @@ class AsyncEngine:
             return self.stream_interval_s
         return max(self.stream_interval_s, len(self._streams) / self.max_stream_items_per_s)
 
-    def _ensure_threads(self) -> None:
-        if self._thread is None:
-            self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
-            self._thread.start()
-            self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=True)
-            self._watchdog.start()
-
-    # ---- step thread ----------------------------------------------------------------------------
-
-    def _apply_pending(self) -> None:
-        """Adds and aborts queued since the last step."""
-        with self._lock:
-            adds, self._to_add = self._to_add, []
-            aborts, self._to_abort = self._to_abort, set()
-        for request_id, ids, params, arrival in adds:
-            if request_id in aborts:
-                continue
-            try:
-                self.engine.add_request(request_id, ids, params, arrival)
-            except ServingError as e:
-                self._loop.call_soon_threadsafe(self._deliver_error, request_id, e)
-        for request_id in aborts:
-            self.engine.abort(request_id)
-
-    def _run(self) -> None:
-        """Step while there is work, sleep on `_work` while there is none.
-
-        NOTE: outputs go to the event loop at once when they start or end a request; middle ones
-        wait up to a quarter of `stream_interval_s` to go with the next steps' (the streams space
-        their items by the whole interval anyway). Each hand-over wakes the loop and contends for
-        the GIL with this thread: at a fast step that was a tenth of a served token's time."""
-        publish_every_s = 0.25 * self.stream_interval_s
-        held: list[GenerationOutput] = []
-        last_publish = 0.0
-        while not self._closed.is_set() and self.error is None:
-            self._apply_pending()
-            if not self.engine.has_unfinished():
-                finished = self.engine.take_finished()  # aborted before or between steps
-                if finished and self.on_step is not None:
-                    self._loop.call_soon_threadsafe(self.on_step, self.engine.current_stats(), finished)
-                self._work.wait(timeout=1.0)
-                self._work.clear()  # NOTE: work queued before a set() is picked up by the next _apply_pending
-                continue
-            self._step_started = time.monotonic()
-            try:
-                outputs, stats = self.engine.step()
-            except Exception as e:  # a rank died or failed: fail everything in flight, stay unhealthy
-                logger.exception("engine step failed")
-                self._fail(e)
-                return
-            finally:
-                self._step_started = None
-            if self.error is not None:  # the watchdog gave up on this step while it ran
-                return
-            held += outputs
-            now = time.monotonic()
-            if (now - last_publish < publish_every_s and self.engine.has_unfinished()
-                    and not any(o.finished or len(o.token_ids) == o.num_output_tokens for o in outputs)):
-                continue
-            while not self._taken.wait(timeout=0.5):
-                if self._closed.is_set():
-                    return
-            self._taken.clear()
-            self._loop.call_soon_threadsafe(self._publish, held, stats, self.engine.take_finished())
-            held, last_publish = [], now
-
-    # ---- watchdog thread ------------------------------------------------------------------------
-
-    def _watch(self) -> None:
-        """Fails the engine when a step hangs: past `step_timeout_s`, or once a long step's ranks
-        do not all answer a ping. NOTE: it cannot stop the stuck step; it ends the requests and
-        makes the replica unhealthy so that Serve replaces it."""
-        while not self._closed.wait(0.5) and self.error is None:
-            started = self._step_started
-            if started is None:
-                continue
-            elapsed = time.monotonic() - started
-            if elapsed > self.step_timeout_s:
-                self._fail(UnavailableError(f"an engine step hung for more than {self.step_timeout_s:.0f} s"))
-            elif elapsed > PROBE_AFTER_S:
-                try:
-                    self.engine.executor.check_health()
-                except Exception as e:
-                    if self._step_started == started:
-                        self._fail(UnavailableError(f"a rank stopped answering during a step: {e}"))
-
-    def _fail(self, e: BaseException) -> None:
-        if self.error is None:
-            self.error = e
-            self._loop.call_soon_threadsafe(self._fail_all, e)
+    def _ensure_core(self) -> None:
+        if self._core is None:
+            self._sink = _LoopSink(self, asyncio.get_running_loop())
+            if isinstance(self.engine, EngineCoreClient):
+                self.engine.start(self._sink)
+                self._core = self.engine
+            else:
+                self._core = StepLoop(self.engine, self._sink, 0.25 * self.stream_interval_s, self.step_timeout_s)
 
     # ---- event-loop side ------------------------------------------------------------------------
 
@@ -269,7 +170,7 @@ class AsyncEngine:
             stream = streams.get(out.request_id)
             if stream is not None:
                 stream.add(out)
-        self._taken.set()
+        self._sink.taken.set()
         if self.on_step is not None:
             self.on_step(stats, finished)
 
@@ -278,13 +179,45 @@ class AsyncEngine:
             stream.fail(e if isinstance(e, ServingError) else UnavailableError(f"engine failed: {e}"))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Stops the step and watchdog threads; waits up to `timeout_s` for a step in flight.
+        """Stops the engine core's threads (this process's, or the reader of the core's socket)."""
+        if self._sink is not None:
+            self._sink.closed.set()
+        if isinstance(self._core, StepLoop):
+            self._core.close(timeout_s)
+        elif isinstance(self.engine, EngineCoreClient):
+            self.engine.close()
 
-        NOTE: joined, not left running: a daemon thread that wakes while the interpreter exits can
-        abort the process ("terminate called without an active exception", seen with the watchdog
-        sleeping at exit)."""
-        self._closed.set()
-        self._work.set()
-        for thread in (self._thread, self._watchdog):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout_s)
+
+class _LoopSink:
+    """Hands the engine core's results to the event loop (a `StepSink`, called from the core's
+    step thread, or from the reader of its socket).
+
+    NOTE: `taken` is set when the event loop has taken the last hand-over. The next one waits for
+    it, so results never pile up in callbacks that the loop has not run yet, and a fast step (a
+    tiny model, an accelerator) cannot starve the loop of the GIL."""
+
+    def __init__(self, owner: AsyncEngine, loop: asyncio.AbstractEventLoop):
+        self.owner = owner
+        self.loop = loop
+        self.taken = threading.Event()
+        self.taken.set()
+        self.closed = threading.Event()
+
+    def outputs(self, outputs, stats, finished) -> bool:
+        while not self.taken.wait(timeout=0.5):
+            if self.closed.is_set():
+                return False
+        if self.closed.is_set():
+            return False
+        self.taken.clear()
+        self.loop.call_soon_threadsafe(self.owner._publish, outputs, stats, finished)
+        return True
+
+    def request_error(self, request_id, error) -> None:
+        self.loop.call_soon_threadsafe(self.owner._deliver_error, request_id, error)
+
+    def failed(self, error) -> None:
+        if self.owner.error is None:
+            self.owner.error = error
+        if not self.closed.is_set():
+            self.loop.call_soon_threadsafe(self.owner._fail_all, error)

@@ -43,6 +43,10 @@ class ParallelConfig(_Frozen):
     # step at once with made-up tokens and loads no weights, so a benchmark over the served stack
     # measures what the serving path itself can carry (`python -m bench.capacity`).
     executor: Literal["model", "instant"] = "model"
+    # The Serve replica steps its engine in a process of its own (an actor in the replica's bundle 0,
+    # which is rank 0), not in a thread of the replica: the forward then never waits for the GIL
+    # that Serve's streaming holds (serving/engine_core.py). False: in the replica's own process.
+    engine_process: bool = True
 
 
 class SchedulerConfig(_Frozen):
@@ -248,6 +252,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "num_cpus_per_worker": ("parallel", "num_cpus_per_worker"),
     "num_threads_per_worker": ("parallel", "num_threads_per_worker"),
     "executor": ("parallel", "executor"),
+    "engine_process": ("parallel", "engine_process"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "block_size": ("scheduler", "block_size"),
