@@ -35,16 +35,12 @@ class LLMServer:
 
         self.config = config
         device = resolve_device(config)
+        self.device = device = resolve_device(config)
         self.core = None  # the engine's own process (an actor handle), when it has one
         if config.parallel.engine_process:
-            from parallel.engine_process import start_engine_process
-            from parallel.worker_group import worker_bundles
-
             self.info = load_model_info(config.model)
             self.tokenizer = load_tokenizer(self.info.path)
-            engine, self.num_kv_blocks = start_engine_process(
-                config, device, worker_bundles(config, device)[0].get("GPU", 0))
-            self.core = engine.core
+            engine = self._start_engine_process()
         else:
             engine = build_engine(config, device)
             self.info, self.tokenizer, self.num_kv_blocks = engine.info, engine.tokenizer, engine.blocks.num_blocks
@@ -52,7 +48,8 @@ class LLMServer:
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
                                   stream_interval_s=config.scheduler.stream_interval_s,
                                   max_stream_items_per_s=config.scheduler.max_stream_items_per_s,
-                                  step_timeout_s=config.parallel.step_timeout_s)
+                                  step_timeout_s=config.parallel.step_timeout_s,
+                                  restart=self._restart_engine_process if self.core is not None else None)
         self.num_requests = 0
         self.load = ReplicaLoad()  # what record_autoscaling_stats() reports
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
@@ -60,6 +57,24 @@ class LLMServer:
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
                     config.parallel.engine_process)
+
+    def _start_engine_process(self):
+        """A new engine process (rank 0; it starts the other ranks) in bundle 0; its client."""
+        from parallel.engine_process import start_engine_process
+        from parallel.worker_group import worker_bundles
+
+        client, self.num_kv_blocks = start_engine_process(
+            self.config, self.device, worker_bundles(self.config, self.device)[0].get("GPU", 0))
+        self.core = client.core
+        return client
+
+    async def _restart_engine_process(self):
+        """After a fault (a rank or the engine's process died): kill what is left of the old group
+        (its rank actors go with it), then start and load a new one in the same placement group."""
+        import ray
+
+        ray.kill(self.core)
+        return await asyncio.get_running_loop().run_in_executor(None, self._start_engine_process)
 
     @classmethod
     def deployment_options(cls, config: LLMConfig, device: str) -> dict:
@@ -183,8 +198,13 @@ class LLMServer:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if self.engine.error is not None:
             raise RuntimeError(f"engine failed: {self.engine.error}")
+        if self.engine.rebuilding:
+            return  # NOTE: healthy while a new engine process loads (bounded by its restart timeout)
         if self.core is not None:
-            await self.core.check_health.remote()
+            try:
+                await self.core.check_health.remote()
+            except Exception as e:  # a rank (or the engine's process) died while idle: rebuild now
+                self.engine.core_failed(e)
         else:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
 

@@ -59,7 +59,9 @@ class EngineProcess:
         self.server.serve()
 
     def where(self) -> dict:
-        return where()
+        """This process (see `where`), and the pids of the other ranks' actors."""
+        workers = getattr(self.engine.executor, "workers", [])
+        return {**where(), "rank_pids": ray.get([w.pid.remote() for w in workers], timeout=30)}
 
     def check_health(self) -> None:
         if self.server is not None and self.server.loop.error is not None:

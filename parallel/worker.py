@@ -256,3 +256,7 @@ class TPWorker:
     @ray.method(concurrency_group="health")
     def ping(self) -> None:
         pass
+
+    @ray.method(concurrency_group="health")
+    def pid(self) -> int:
+        return os.getpid()

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from serving.engine import LLMEngine
 from serving.engine_core import EngineCoreClient, StepLoop
@@ -73,10 +73,22 @@ class AsyncEngine:
     def __init__(self, engine: Union[LLMEngine, EngineCoreClient], max_waiting_requests: int,
                  on_step: Optional[Callable[[StepStats, list[RequestStats]], None]] = None,
                  stream_interval_s: float = 0.0, max_stream_items_per_s: float = 0.0,
-                 step_timeout_s: float = 120.0):
+                 step_timeout_s: float = 120.0,
+                 restart: Optional[Callable[[], Awaitable[EngineCoreClient]]] = None,
+                 restart_timeout_s: float = 120.0):
         # An LLMEngine is stepped by a thread of this process; an EngineCoreClient's engine by a
         # thread of the core's process (built with the same stream_interval_s and step_timeout_s).
         self.engine = engine
+        # A new engine core when the current one fails (a rank or the core's process died): the
+        # requests that had no output yet go to it, new ones wait for it (`_rebuild`). Without it a
+        # failed engine stays failed and the replica unhealthy.
+        self.restart = restart
+        self.restart_timeout_s = restart_timeout_s
+        self._unstarted: dict[str, tuple] = {}  # request id -> its add() arguments, until its first output
+        self._rebuilding: Optional[asyncio.Task] = None
+        self._ready = asyncio.Event()  # NOTE: created outside a loop; Python >= 3.10 binds it on first use
+        self._ready.set()
+        self.num_restarts = 0
         # Minimum time between two items of one stream: every stream item costs CPU in every Serve
         # hop, so tokens go out in small groups, bigger ones when many streams share the replica
         # (`_stream_interval`). The first item and a finished request's last item never wait.
@@ -100,6 +112,11 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Streams the request's outputs; the last one has `finished=True`. Cancelling aborts it."""
+        if self._rebuilding is not None:  # held, not refused, while a new engine core starts
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.restart_timeout_s)
+            except TimeoutError:
+                pass
         if self.error is not None:
             raise UnavailableError(f"engine failed: {self.error}")
         if self.num_pending >= self.max_waiting_requests:
@@ -111,7 +128,10 @@ class AsyncEngine:
         stream = _Stream()
         self._streams[request_id] = stream
         self._ensure_core()
-        self._core.add(request_id, prompt_token_ids, params, time.monotonic())
+        args = (request_id, prompt_token_ids, params, time.monotonic())
+        if self.restart is not None:
+            self._unstarted[request_id] = args
+        self._core.add(*args)
         finished = False
         try:
             while True:
@@ -138,6 +158,7 @@ class AsyncEngine:
         finally:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
+                self._unstarted.pop(request_id, None)
             if not finished:
                 self._core.abort(request_id)
 
@@ -164,19 +185,70 @@ class AsyncEngine:
         if stream is not None:
             stream.fail(error)
 
-    def _publish(self, outputs: list[GenerationOutput], stats: StepStats, finished: list[RequestStats]) -> None:
-        streams = self._streams
+    def _publish(self, sink: "_LoopSink", outputs: list[GenerationOutput], stats: StepStats,
+                 finished: list[RequestStats]) -> None:
+        sink.taken.set()
+        if sink is not self._sink:  # a failed core's last words
+            return
+        streams, unstarted = self._streams, self._unstarted
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is not None:
                 stream.add(out)
-        self._sink.taken.set()
+            if unstarted:
+                unstarted.pop(out.request_id, None)
         if self.on_step is not None:
             self.on_step(stats, finished)
 
-    def _fail_all(self, e: BaseException) -> None:
-        for stream in self._streams.values():
-            stream.fail(e if isinstance(e, ServingError) else UnavailableError(f"engine failed: {e}"))
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuilding is not None
+
+    def core_failed(self, e: BaseException) -> None:
+        """The owner found the engine core broken (a failed health check): as if it had said so."""
+        self._ensure_core()
+        self._core_failed(self._sink, e)
+
+    def _core_failed(self, sink: "_LoopSink", e: BaseException) -> None:
+        """The engine core failed: rebuild it (if we can), else fail everything and stay failed."""
+        if sink is not self._sink or self._rebuilding is not None:
+            return
+        error = e if isinstance(e, ServingError) else UnavailableError(f"engine failed: {e}")
+        if self.restart is None:
+            self.error = e
+            for stream in self._streams.values():
+                stream.fail(error)
+            return
+        logger.error("engine core failed (%s): starting a new one", e)
+        for request_id, stream in self._streams.items():
+            if request_id not in self._unstarted:  # it sent tokens: it ends here, with what it has
+                stream.fail(error)
+        self._ready.clear()
+        self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(e))
+
+    async def _rebuild(self, cause: BaseException) -> None:
+        """A new engine core; the requests that had no output yet go to it, once."""
+        self._sink.closed.set()
+        self.engine.close()
+        try:
+            client = await asyncio.wait_for(self.restart(), self.restart_timeout_s)
+        except Exception as e:
+            logger.exception("the engine core could not be restarted")
+            self.error = e
+            for stream in self._streams.values():
+                stream.fail(UnavailableError(f"engine failed ({cause}) and could not be restarted: {e}"))
+        else:
+            self.engine, self._core = client, None
+            self._ensure_core()
+            retry, self._unstarted = self._unstarted, {}
+            for request_id, args in retry.items():
+                if request_id in self._streams:
+                    self._core.add(*args)  # NOTE: not kept for another retry: one per request
+            self.num_restarts += 1
+            logger.info("engine core restarted; %d waiting requests moved to it", len(retry))
+        finally:
+            self._rebuilding = None
+            self._ready.set()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stops the engine core's threads (this process's, or the reader of the core's socket)."""
@@ -210,14 +282,12 @@ class _LoopSink:
         if self.closed.is_set():
             return False
         self.taken.clear()
-        self.loop.call_soon_threadsafe(self.owner._publish, outputs, stats, finished)
+        self.loop.call_soon_threadsafe(self.owner._publish, self, outputs, stats, finished)
         return True
 
     def request_error(self, request_id, error) -> None:
         self.loop.call_soon_threadsafe(self.owner._deliver_error, request_id, error)
 
     def failed(self, error) -> None:
-        if self.owner.error is None:
-            self.owner.error = error
         if not self.closed.is_set():
-            self.loop.call_soon_threadsafe(self.owner._fail_all, error)
+            self.loop.call_soon_threadsafe(self.owner._core_failed, self, error)
