@@ -112,3 +112,45 @@ def test_a_core_that_goes_away_ends_every_stream_with_503(engine):
     thread.join(10)
     for request_id in list(engine._seqs):
         engine.abort(request_id)
+
+
+def test_a_failed_core_is_replaced_requests_without_output_move_and_new_ones_wait(engine):
+    first_client, first_server, first_thread = start_core(engine)
+    restarted = []
+
+    async def restart():
+        await asyncio.sleep(0.3)  # a new process loading
+        for request_id in list(engine._seqs):  # what the dead core held is gone with it
+            engine.abort(request_id)
+        client, server, thread = start_core(engine)
+        restarted.append(thread)
+        return client
+
+    async def main():
+        ae = AsyncEngine(first_client, max_waiting_requests=64, restart=restart, restart_timeout_s=10)
+        try:
+            # max_num_seqs is 4: four long requests run, a fifth waits unscheduled (no output yet)
+            running = [ae.generate(f"running{i}", PROMPTS[i], greedy(300)) for i in range(4)]
+            for agen in running:
+                await agen.__anext__()
+            queued = asyncio.ensure_future(collect(ae.generate("queued", PROMPTS[4], greedy(6))))
+            await asyncio.sleep(0.2)
+            hang_up(first_server.conn)  # the core's process died
+            for agen in running:  # they had sent tokens: each ends with an error
+                with pytest.raises(UnavailableError):
+                    async for _ in agen:
+                        pass
+            assert ae.rebuilding
+            late = await collect(ae.generate("late", PROMPTS[5], greedy(5)))  # held, then served
+            assert late[-1].finished and late[-1].num_output_tokens == 5
+            moved = await asyncio.wait_for(queued, 20)  # retried on the new core, transparently
+            assert moved[-1].finished and moved[-1].num_output_tokens == 6
+            assert ae.error is None and ae.num_restarts == 1 and not ae.rebuilding
+        finally:
+            ae.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    for thread in [first_thread, *restarted]:
+        thread.join(10)
+    for request_id in list(engine._seqs):
+        engine.abort(request_id)
