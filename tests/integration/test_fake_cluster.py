@@ -6,7 +6,6 @@ load stops, replicas and nodes go away. About 2.5 minutes on 2 cores."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
