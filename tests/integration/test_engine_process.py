@@ -88,8 +88,7 @@ def test_a_killed_engine_process_or_rank_is_rebuilt_in_place(ep_app, who):
     events, codes, answered_s = asyncio.run(asyncio.wait_for(stream_then_kill(ep_app, pid), 120))
     print(f"{who} killed: the 4 requests sent meanwhile answered {codes} within {answered_s:.1f} s")
     # the stream that had tokens ends with them and an error event (never a hang)
-    if events[-1] != "[DONE]":
-        assert "error" in json.loads(events[-1]), events[-1]
+    assert any('"error"' in e for e in events[2:]), events[-3:]
     assert codes == [200] * 4  # held while the new engine process loaded, then served
     after = placement(TP2)["engine_process"]
     assert after["pid"] != where["pid"] and after["placement_group_id"] == where["placement_group_id"]
