@@ -108,9 +108,10 @@ class LLMEngine:
             if scored:
                 self._take_prompt_logprobs(scored, result.prompt_logprobs)
             logprobs = dict(zip(inp.logprob_rows, result.logprobs))
+            structured = dict(zip(inp.structured_rows, result.structured_finished))
             now = time.monotonic()
             for j, (seq, token) in enumerate(zip(sampled, result.token_ids)):
-                outputs.append(self._append_token(seq, token, now, logprobs.get(j)))
+                outputs.append(self._append_token(seq, token, now, logprobs.get(j), structured.get(j)))
         self._fill_counts(stats)
         stats.step_time_s = time.perf_counter() - t0
         return outputs, stats
@@ -169,15 +170,15 @@ class LLMEngine:
             released_seq_ids=self._released,
         )
         self._released = []
-        self._ask_processing(inp, sampled)
+        self._ask_processing(inp, sampled, self.info.max_model_len)
         return inp, sampled
 
     # ---- per-row processing and log-probabilities (serving/logits_processors.py) --------------
 
     @staticmethod
-    def _ask_processing(inp: StepInput, sampled: list[Sequence]) -> None:
-        """Fills the step's min-p, logits-processing and log-probability fields for the sampled rows
-        that use them; a step whose rows use none carries empty lists."""
+    def _ask_processing(inp: StepInput, sampled: list[Sequence], max_model_len: int) -> None:
+        """Fills the step's min-p, logits-processing, log-probability and structured-output fields for
+        the sampled rows that use them; a step whose rows use none carries empty lists."""
         if any(s.params.min_p > 0.0 for s in sampled):
             inp.min_ps = [s.params.min_p for s in sampled]
         for j, seq in enumerate(sampled):
@@ -185,7 +186,14 @@ class LLMEngine:
             if p.logprobs is not None:
                 inp.logprob_rows.append(j)
                 inp.num_top_logprobs.append(p.logprobs)
-            banned = list(p.stop_token_ids) if seq.num_output_tokens < p.min_tokens else []
+            if p.json_spec is not None:
+                inp.structured_rows.append(j)
+                inp.structured_tokens_left.append(min(p.max_tokens - seq.num_output_tokens,
+                                                      max_model_len - len(seq)))
+                # NOTE: a sampled row gets a token, so "no output yet" is exactly its first sampled step
+                inp.structured_specs.append(p.json_spec if seq.num_output_tokens == 0 else None)
+            # NOTE: the grammar decides where a constrained row ends: min_tokens must not hold EOS back
+            banned = list(p.stop_token_ids) if seq.num_output_tokens < p.min_tokens and p.json_spec is None else []
             if not (p.logit_bias or banned or p.has_penalties):
                 continue
             inp.proc_rows.append(j)
@@ -242,7 +250,9 @@ class LLMEngine:
             text = self._token_texts[token] = backend.decode([token], skip_special_tokens=False)
         return text
 
-    def _append_token(self, seq: Sequence, token: int, now: float, logprob=None) -> GenerationOutput:
+    def _append_token(self, seq: Sequence, token: int, now: float, logprob=None,
+                      structured: Optional[str] = None) -> GenerationOutput:
+        """structured: the finish reason rank 0 gave a constrained row whose document is now complete."""
         seq.token_ids.append(token)
         st = seq.stats
         first = st.first_token_time is None
@@ -260,6 +270,8 @@ class LLMEngine:
             detok.add(token)
             if detok.stopped:
                 reason = "stop"
+        if reason is None:
+            reason = structured  # nothing but EOS could follow: end now rather than sample it
         if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.info.max_model_len):
             reason = "length"
         text = detok.release(final=reason is not None)

@@ -231,6 +231,7 @@ class StepRunner:
         self.runner = ModelRunner(model, num_blocks, block_size, device)
         self.sampler = Sampler() if samples else None
         self.processor = LogitsProcessor()
+        self._structured = None  # StructuredOutputs, built on the first constrained row (`_structured_for`)
 
     @torch.inference_mode()
     def execute(self, inp: StepInput) -> Optional[StepOutput]:
@@ -245,11 +246,24 @@ class StepRunner:
         num_sampled = len(inp.sample_rows)
         sample_logits = logits[:num_sampled]  # NOTE: a view, processed in place
         raw = sample_logits[inp.logprob_rows] if inp.logprob_rows else None  # a copy: before processing
+        if self._structured is not None:
+            self._structured.release(inp.released_seq_ids)
         self.processor.apply(sample_logits, inp)
+        constrained = [inp.seq_ids[r] for r in inp.structured_rows]
+        if constrained:
+            structured = self._structured_for(sample_logits.shape[-1])
+            for seq_id, spec in zip(constrained, inp.structured_specs):
+                if spec is not None:
+                    structured.add(seq_id, spec)
+            structured.mask(sample_logits, inp.structured_rows, constrained, inp.structured_tokens_left)
         tokens = self.sampler.sample(sample_logits, inp.seq_ids, inp.temperatures, inp.top_ps, inp.top_ks,
                                      inp.seeds, inp.min_ps)
         self.processor.record(tokens)
         out = StepOutput(tokens)
+        if constrained:
+            done = structured.accept(constrained, [tokens[r] for r in inp.structured_rows])
+            out.structured_finished = [("length" if structured.closed_early(s) else "stop") if d else None
+                                       for s, d in zip(constrained, done)]
         if raw is not None:
             out.logprobs = token_logprobs(raw, torch.tensor([tokens[r] for r in inp.logprob_rows]),
                                           inp.num_top_logprobs)
@@ -258,3 +272,18 @@ class StepRunner:
                                                  inp.prompt_num_top_logprobs)
         out.model_time_s = time.perf_counter() - t0
         return out
+
+    def _structured_for(self, vocab_size: int):
+        """Rank 0's grammar state, made once: the tokenizer is read from the model's own folder.
+
+        NOTE: lazily, so a server that never sees response_format never loads a second tokenizer."""
+        if self._structured is None:
+            from serving.config import ModelConfig
+            from serving.model_loader import load_model_info, load_tokenizer
+            from serving.structured.grammar import GrammarCompiler
+            from serving.structured.outputs import StructuredOutputs
+
+            path = getattr(self.runner.model, "module", self.runner.model).config.name_or_path
+            eos = load_model_info(ModelConfig(path=path)).eos_token_ids
+            self._structured = StructuredOutputs(GrammarCompiler(load_tokenizer(path), vocab_size, eos))
+        return self._structured

@@ -12,7 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from serving.structured import JsonSpec, parse_response_format
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]  # random per process
@@ -57,8 +59,6 @@ _NEUTRAL: dict[str, tuple] = {
     "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
-    # NOTE: structured output (json_object, json_schema) is its own piece of work, not yet wired in
-    "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False),  # meaningless without tools
     "functions": ([],),
     "function_call": ("none",),
@@ -102,12 +102,14 @@ class _SamplingFields(_Strict):
     stop_token_ids: Optional[list[int]] = None  # more tokens that end the output (not in its text)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output (serving/structured): text, json_object or json_schema; validated into _json_spec.
+    response_format: Optional[dict] = None
+    _json_spec: Optional[JsonSpec] = PrivateAttr(default=None)
     # Accepted only at their neutral values (see _NEUTRAL).
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     tools: Optional[list] = None
     tool_choice: Optional[Any] = None
-    response_format: Optional[dict] = None
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list] = None
     function_call: Optional[Any] = None
@@ -153,6 +155,10 @@ class _SamplingFields(_Strict):
                 continue
             raise ParamError(name, f"parameter '{name}'={value!r} is not supported "
                                    f"(only {' or '.join(map(repr, neutral))})")
+        try:
+            self._json_spec = parse_response_format(self.response_format)
+        except ValueError as e:
+            raise ParamError("response_format", str(e)) from None
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ParamError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                            f"({self.max_tokens})")
@@ -177,8 +183,13 @@ class _SamplingFields(_Strict):
     @property
     def uses_extensions(self) -> bool:
         """Sets an output-changing parameter that the semantic cache's key does not hold."""
-        return self.num_logprobs is not None or any(
+        return self.num_logprobs is not None or self.json_spec is not None or any(
             getattr(self, name) not in (None, default) for name, default in _EXTENSION_DEFAULTS.items())
+
+    @property
+    def json_spec(self) -> Optional[JsonSpec]:
+        """The JSON the output must be (`response_format`); None: free text."""
+        return self._json_spec
 
     @property
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from serving.structured import JsonSpec
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -35,6 +37,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: Optional[int] = None  # the sampled token's log-probability and this many top ones; None = off
     prompt_logprobs: Optional[int] = None  # the same for every prompt token (the first has none)
+    json_spec: Optional[JsonSpec] = None  # the output is this JSON (serving/structured); None = free text
 
     @property
     def is_greedy(self) -> bool:
@@ -57,7 +60,7 @@ def request_sampling_params(request, max_tokens: int, eos_token_ids: tuple[int, 
         skip_special_tokens=request.skip_special_tokens, repetition_penalty=request.repetition_penalty,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         logit_bias=request.logit_bias_pairs, logprobs=request.num_logprobs,
-        prompt_logprobs=request.num_prompt_logprobs)
+        prompt_logprobs=request.num_prompt_logprobs, json_spec=request.json_spec)
 
 
 def top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,10 @@ answers with a `StepOutput`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
+
+if TYPE_CHECKING:
+    from serving.structured import JsonSpec
 
 
 @dataclass
@@ -48,6 +51,12 @@ class StepInput:
     prompt_logprob_positions: list[int] = field(default_factory=list)
     prompt_logprob_targets: list[int] = field(default_factory=list)
     prompt_num_top_logprobs: list[int] = field(default_factory=list)
+    # Structured output (serving/structured), only for the constrained rows: indices into the sampled
+    # lists; per row, the tokens it may still generate (this one included) and its JsonSpec on the
+    # step that samples its first output token, else None (rank 0 keeps the grammar state).
+    structured_rows: list[int] = field(default_factory=list)
+    structured_tokens_left: list[int] = field(default_factory=list)
+    structured_specs: list[Optional["JsonSpec"]] = field(default_factory=list)
     # Sequences that ended since the last step: their per-request RNG state can go.
     released_seq_ids: list[int] = field(default_factory=list)
 
@@ -60,6 +69,9 @@ class StepOutput:
     # (log-probability, top ids, top log-probabilities): one per logprob row, one per prompt position
     logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
+    # One per structured row: None, or the finish reason once its document is complete ("stop"; "length"
+    # where it was closed early for max_tokens)
+    structured_finished: list[Optional[str]] = field(default_factory=list)
     model_time_s: float = 0.0  # rank 0's forward + sampling (no transport)
 
 

@@ -14,10 +14,11 @@ grammar accepts that ending, so a budget cut still gives JSON that parses.
 
 How the engine uses it, per step:
 1. Router: `parse_response_format(request.response_format)`; a ValueError is a 400 with param
-   "response_format"; the JsonSpec (frozen, hashable, small) goes into the sampling parameters and
-   the cache key.
+   "response_format"; the JsonSpec (frozen, hashable, small) goes into the sampling parameters
+   (`request.json_spec`); such a request bypasses the semantic cache, whose key does not hold it.
 2. Rank 0 builds `StructuredOutputs(GrammarCompiler(tokenizer, vocab_size=logits width,
-   eos_token_ids=the model's EOS ids))` next to its sampler, once.
+   eos_token_ids=the model's EOS ids))` next to its sampler, once, on its first constrained row
+   (`StepRunner._structured_for`: the tokenizer from the model's own folder).
 3. The step input names the constrained rows among the sampled ones and, per row, how many tokens
    it may still generate (tokens_left = min(max_tokens - output tokens, context limit - length));
    the row's JsonSpec travels only on the step that samples its first output token, and rank 0 then

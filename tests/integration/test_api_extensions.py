@@ -214,7 +214,7 @@ def test_tokenize_and_detokenize(llm_app, hf):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"n": 0}, "n"),
     ({"n": 2, "best_of": 3}, "best_of"),
     ({"logit_bias": {"999999": 1}}, "logit_bias"),

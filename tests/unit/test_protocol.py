@@ -30,7 +30,7 @@ def test_unknown_fields_are_rejected(make):
 
 
 @pytest.mark.parametrize("kw", [
-    {"best_of": 3}, {"suffix": "x"}, {"tools": [{"type": "function"}]}, {"response_format": {"type": "json_object"}},
+    {"best_of": 3}, {"suffix": "x"}, {"tools": [{"type": "function"}]},
 ])
 def test_unsupported_parameters_are_rejected(kw):
     name = next(iter(kw))
@@ -38,6 +38,27 @@ def test_unsupported_parameters_are_rejected(kw):
         completion(**kw)
     with pytest.raises(ValidationError, match=f"'{name}'.*not supported"):
         chat(**kw)
+
+
+@pytest.mark.parametrize("make", [completion, chat])
+def test_response_format_becomes_a_json_spec_outside_the_cache(make):
+    assert make().json_spec is None and make(response_format={"type": "text"}).json_spec is None
+    assert not make(response_format={"type": "text"}).uses_extensions
+    request = make(response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}})
+    assert request.json_spec.schema == '{"type":"object","properties":{"a":{"type":"integer"}}}'
+    assert request.json_spec.strict and request.uses_extensions  # the cache key does not hold the schema
+    assert make(response_format={"type": "json_object"}).json_spec.schema == '{"type":"object"}'
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "xml"}, {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "bogus"}}},
+])
+def test_a_bad_response_format_names_its_field(response_format):
+    with pytest.raises(ValidationError, match="response_format") as e:
+        chat(response_format=response_format)
+    assert e.value.errors()[0]["ctx"]["error"].param == "response_format"
 
 
 def test_chat_echo_is_not_supported():
