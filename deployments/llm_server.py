@@ -127,6 +127,8 @@ class LLMServer:
         self.num_requests += 1
         ids = self.tokenize(request)
         params = self.sampling_params(request, len(ids))
+        if params.json_spec is not None:
+            self._check_grammar(params.json_spec)
         self.load.arrived(request_id, len(ids))
         first = True
         try:
@@ -137,6 +139,19 @@ class LLMServer:
                 yield out
         finally:
             self.load.ended(request_id)
+
+    def _check_grammar(self, spec) -> None:
+        """A 400 now for a schema that does not compile against this model's tokenizer: on rank 0
+        the same error would fail the whole step (and every request in it)."""
+        from serving.errors import InvalidRequestError
+        from serving.structured.grammar import GrammarCompiler
+
+        if getattr(self, "_grammars", None) is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
+        try:
+            self._grammars.matcher(spec)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="response_format") from None
 
     async def tokenize_only(self, request) -> dict:
         """vLLM's /tokenize: a prompt's (or a conversation's, templated) token ids."""
