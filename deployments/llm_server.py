@@ -34,7 +34,6 @@ class LLMServer:
         from serving.model_loader import load_model_info, load_tokenizer
 
         self.config = config
-        device = resolve_device(config)
         self.device = device = resolve_device(config)
         self.core = None  # the engine's own process (an actor handle), when it has one
         if config.parallel.engine_process:
@@ -51,6 +50,7 @@ class LLMServer:
                                   step_timeout_s=config.parallel.step_timeout_s,
                                   restart=self._restart_engine_process if self.core is not None else None)
         self.num_requests = 0
+        self._grammars = None  # response_format schemas compiled for this tokenizer (_check_grammar)
         self.load = ReplicaLoad()  # what record_autoscaling_stats() reports
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
@@ -146,7 +146,7 @@ class LLMServer:
         from serving.errors import InvalidRequestError
         from serving.structured.grammar import GrammarCompiler
 
-        if getattr(self, "_grammars", None) is None:
+        if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
         try:
             self._grammars.matcher(spec)

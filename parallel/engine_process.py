@@ -19,7 +19,7 @@ from typing import Optional
 
 import ray
 from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from serving.config import LLMConfig
 from serving.engine_core import CoreServer, EngineCoreClient
@@ -68,9 +68,6 @@ class EngineProcess:
             raise RuntimeError(f"engine failed: {self.server.loop.error}")
         self.engine.executor.check_health()
 
-    def shutdown(self) -> None:
-        self.engine.executor.shutdown()
-
 
 def start_engine_process(config: LLMConfig, device: str, gpus: float) -> tuple[EngineCoreClient, int]:
     """Starts the engine's process in bundle 0 of this replica's placement group (on this node
@@ -80,8 +77,7 @@ def start_engine_process(config: LLMConfig, device: str, gpus: float) -> tuple[E
     pg = get_current_placement_group()
     strategy = (PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
                 if pg is not None else
-                ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                              soft=False))
+                NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
     core = EngineProcess.options(num_gpus=gpus, scheduling_strategy=strategy).remote(
         config, device, torch.get_num_threads())
     try:

@@ -6,7 +6,9 @@ Serve replica's default). Each step's outputs, and the stats of the requests tha
 event loop in one callback. So the event loop never blocks on a forward pass, and the next step
 never waits for the event loop.
 
-When the engine fails (a step raised or hung), every request in flight ends with 503 and the
+When the engine fails (a step raised or hung, a rank or the core's process died), the requests that
+already had output end with 503. With a `restart` (the Serve replica's engine process), a new core
+takes over: the requests without output move to it and new ones wait for it. Without one the
 engine stays failed, so the health check fails and Serve replaces the replica.
 """
 
@@ -32,7 +34,7 @@ class _Stream:
     """One request's outputs on the event loop: what the step thread produced and the consumer has
     not taken yet, merged into one item (fewer, bigger items when the consumer is slower)."""
 
-    __slots__ = ("texts", "token_ids", "logprobs", "prompt_logprobs", "last", "error", "wake", "holding")
+    __slots__ = ("texts", "token_ids", "logprobs", "prompt_logprobs", "last", "error", "wake", "holding", "retry")
 
     def __init__(self):
         self.texts: list[str] = []
@@ -43,6 +45,9 @@ class _Stream:
         self.error: Optional[BaseException] = None
         self.wake = asyncio.Event()  # set when the consumer should look
         self.holding = False  # the consumer is spacing its items (see AsyncEngine.generate)
+        # The request's add() arguments while it may still move to a new engine core (no output yet,
+        # not moved before); None otherwise.
+        self.retry: Optional[tuple] = None
 
     def add(self, out: GenerationOutput) -> None:
         self.texts.append(out.text)
@@ -52,6 +57,7 @@ class _Stream:
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         self.last = out
+        self.retry = None
         if not self.holding or out.finished:  # NOTE: a finished request's last item never waits
             self.wake.set()
 
@@ -84,7 +90,6 @@ class AsyncEngine:
         # failed engine stays failed and the replica unhealthy.
         self.restart = restart
         self.restart_timeout_s = restart_timeout_s
-        self._unstarted: dict[str, tuple] = {}  # request id -> its add() arguments, until its first output
         self._rebuilding: Optional[asyncio.Task] = None
         self._ready = asyncio.Event()  # NOTE: created outside a loop; Python >= 3.10 binds it on first use
         self._ready.set()
@@ -130,7 +135,7 @@ class AsyncEngine:
         self._ensure_core()
         args = (request_id, prompt_token_ids, params, time.monotonic())
         if self.restart is not None:
-            self._unstarted[request_id] = args
+            stream.retry = args
         self._core.add(*args)
         finished = False
         try:
@@ -158,7 +163,6 @@ class AsyncEngine:
         finally:
             if self._streams.get(request_id) is stream:
                 del self._streams[request_id]
-                self._unstarted.pop(request_id, None)
             if not finished:
                 self._core.abort(request_id)
 
@@ -190,13 +194,11 @@ class AsyncEngine:
         sink.taken.set()
         if sink is not self._sink:  # a failed core's last words
             return
-        streams, unstarted = self._streams, self._unstarted
+        streams = self._streams
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is not None:
                 stream.add(out)
-            if unstarted:
-                unstarted.pop(out.request_id, None)
         if self.on_step is not None:
             self.on_step(stats, finished)
 
@@ -220,8 +222,8 @@ class AsyncEngine:
                 stream.fail(error)
             return
         logger.error("engine core failed (%s): starting a new one", e)
-        for request_id, stream in self._streams.items():
-            if request_id not in self._unstarted:  # it sent tokens: it ends here, with what it has
+        for stream in self._streams.values():
+            if stream.retry is None:  # it had output (or moved once already): it ends here, with what it has
                 stream.fail(error)
         self._ready.clear()
         self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(e))
@@ -240,12 +242,12 @@ class AsyncEngine:
         else:
             self.engine, self._core = client, None
             self._ensure_core()
-            retry, self._unstarted = self._unstarted, {}
-            for request_id, args in retry.items():
-                if request_id in self._streams:
-                    self._core.add(*args)  # NOTE: not kept for another retry: one per request
+            moved = [stream for stream in self._streams.values() if stream.retry is not None]
+            for stream in moved:
+                args, stream.retry = stream.retry, None  # NOTE: one move per request
+                self._core.add(*args)
             self.num_restarts += 1
-            logger.info("engine core restarted; %d waiting requests moved to it", len(retry))
+            logger.info("engine core restarted; %d waiting requests moved to it", len(moved))
         finally:
             self._rebuilding = None
             self._ready.set()

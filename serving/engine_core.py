@@ -320,8 +320,9 @@ class EngineCoreClient:
                     if more[0] != "outputs":
                         self._dispatch(more)
                         continue
-                    outputs = outputs + more[1]
-                    stats, finished = more[2], finished + more[3]
+                    outputs += more[1]  # NOTE: fresh lists from the unpickler: extended in place
+                    finished += more[3]
+                    stats = more[2]
                 self._num_waiting, self._sent_since_stats = stats.num_waiting, 0
                 if not sink.outputs(outputs, stats, finished):
                     return
