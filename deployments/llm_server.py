@@ -79,11 +79,13 @@ class LLMServer:
     @classmethod
     def deployment_options(cls, config: LLMConfig, device: str) -> dict:
         """Serve options for this model: name, replicas or autoscaling, and the placement-group
-        bundles: bundle 0 holds the replica and rank 0, then one per further rank."""
+        bundles: bundle 0 holds the replica and rank 0, then one per further rank, then the draft worker's."""
         from parallel.worker_group import worker_bundles
 
         serve_opts = config.serve
         bundles = worker_bundles(config, device)
+        if config.speculative.uses_draft:  # the draft worker's, last (parallel/draft_worker.py)
+            bundles.append({"CPU": config.speculative.num_cpus_draft})
         # NOTE: the replica takes bundle 0's CPU; its GPU goes to rank 0 (the engine's process, if any)
         replica_gpus = 0 if config.parallel.engine_process else bundles[0].get("GPU", 0)
         opts: dict = {
@@ -221,7 +223,7 @@ class LLMServer:
             except Exception as e:  # a rank (or the engine's process) died while idle: rebuild now
                 self.engine.core_failed(e)
         else:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.executor.check_health)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.engine.check_health)
 
     def _on_step(self, stats, finished) -> None:
         self.last_stats = stats
@@ -239,7 +241,7 @@ class LLMServer:
 
                 ray.kill(self.core)  # NOTE: its rank actors are its own: they go with it
             else:
-                self.engine.engine.executor.shutdown()
+                self.engine.engine.shutdown()
         except Exception:
             pass
 

@@ -66,7 +66,7 @@ class EngineProcess:
     def check_health(self) -> None:
         if self.server is not None and self.server.loop.error is not None:
             raise RuntimeError(f"engine failed: {self.server.loop.error}")
-        self.engine.executor.check_health()
+        self.engine.check_health()
 
 
 def start_engine_process(config: LLMConfig, device: str, gpus: float) -> tuple[EngineCoreClient, int]:

@@ -12,6 +12,7 @@ NOTE: one worker group per process, ever (DeepSpeed's state per process; paralle
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -53,7 +54,8 @@ class WorkerGroup:
             self._own_pg = pg = placement_group([{**b, f"node:{addr}": 0.001} for b in bundles[1:]],
                                                 strategy="STRICT_PACK")
         else:
-            assert pg.bundle_count == world_size, "the replica's placement group has one bundle per rank"
+            # NOTE: one bundle per rank, then the draft worker's with speculative decoding by a draft
+            assert pg.bundle_count >= world_size, "the replica's placement group has one bundle per rank"
         first_bundle = 0 if self._own_pg is not None else 1  # rank 1's bundle
         args = (model_path, config.model.dtype, num_kv_blocks, config.scheduler.block_size)
         try:
@@ -81,7 +83,8 @@ class WorkerGroup:
     def execute(self, inp: StepInput) -> StepOutput:
         """Sends the step to ranks 1..N-1, then runs rank 0's part of it in the caller's thread."""
         with self._lock:
-            self.channel.send(inp)
+            # NOTE: the proposer's distributions are for rank 0's acceptance only
+            self.channel.send(dataclasses.replace(inp, draft_probs=[]) if inp.draft_probs else inp)
             return self.step_runner.execute(inp)
 
     def check_health(self, timeout_s: float = 10.0) -> None:

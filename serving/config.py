@@ -99,17 +99,38 @@ class CacheConfig(_Frozen):
 
 
 class SpeculativeConfig(_Frozen):
-    """Reserved for speculative decoding, which is not built yet: setting a method is refused."""
+    """Speculative decoding (serving/spec): a proposer guesses up to num_speculative_tokens tokens per
+    sequence and the target verifies them in one step; output is exactly what it would be without.
 
-    method: Optional[Literal["draft", "ngram"]] = None
-    draft_model: Optional[str] = None
-    num_speculative_tokens: int = Field(default=4, ge=1, le=16)
+    method: "none"; "ngram" (prompt and output n-gram lookup, no model); "draft" (a draft model in
+    its own Ray actor, the draft worker); "early_exit" (the target's first early_exit_layers layers
+    and its LM head); "auto" (per sequence, whichever of n-gram and the draft has been accepting more).
+    """
+
+    method: Literal["none", "ngram", "draft", "early_exit", "auto"] = "none"
+    draft_model: Optional[str] = None  # a Hugging Face folder; None = the embedded draft
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16)  # the most proposals per sequence and step
+    # Adaptive: k per sequence from its recent acceptance, and speculation cut when the step's
+    # measured cost model says verifying costs more than it saves (serving/spec/policy.py).
+    adaptive: bool = True
+    early_exit_layers: Optional[int] = Field(default=None, ge=1)  # None: the model's config, else 2
+    ngram_max: int = Field(default=3, ge=1)  # the longest suffix n-gram looked up, then shorter ones
+    ngram_min: int = Field(default=1, ge=1)
+    num_cpus_draft: float = Field(default=1.0, gt=0)  # the draft worker's placement-group bundle
 
     @model_validator(mode="after")
-    def _not_yet(self):
-        if self.method is not None:
-            raise ValueError("speculative decoding is not implemented yet; leave speculative.method unset")
+    def _check(self):
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("speculative.ngram_min must be <= ngram_max")
         return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def uses_draft(self) -> bool:
+        return self.method in ("draft", "auto")
 
 
 class AutoscalingConfig(_Frozen):
@@ -262,6 +283,8 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "speculative_method": ("speculative", "method"),
     "draft_model": ("speculative", "draft_model"),
     "num_speculative_tokens": ("speculative", "num_speculative_tokens"),
+    "speculative_adaptive": ("speculative", "adaptive"),
+    "early_exit_layers": ("speculative", "early_exit_layers"),
     "num_replicas": ("serve", "num_replicas"),
     "price_per_hour": ("serve", "price_per_hour"),
     "min_replicas": ("serve", "autoscaling.min_replicas"),

@@ -8,7 +8,7 @@ into per-request outputs (new text, finish reason). Streaming and `generate` are
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from serving.block_manager import BlockManager
 from serving.config import LLMConfig
@@ -22,6 +22,9 @@ from serving.sequence import Sequence
 from serving.stats import RequestStats, StepStats
 from serving.step import Executor, StepInput
 
+if TYPE_CHECKING:
+    from serving.spec.speculator import Speculator
+
 
 def num_kv_blocks_for(config: LLMConfig, info: ModelInfo) -> int:
     sched = config.scheduler
@@ -32,8 +35,10 @@ def num_kv_blocks_for(config: LLMConfig, info: ModelInfo) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: LLMConfig, info: ModelInfo, tokenizer, executor: Executor, num_kv_blocks: int):
+    def __init__(self, config: LLMConfig, info: ModelInfo, tokenizer, executor: Executor, num_kv_blocks: int,
+                 speculator: Optional["Speculator"] = None):
         self.config = config
+        self.speculator = speculator
         self.info = info
         self.tokenizer = tokenizer
         self.executor = executor
@@ -86,9 +91,23 @@ class LLMEngine:
         if seq is not None:
             self._finish(seq, "abort")
 
+    def check_health(self) -> None:
+        """Raises if a rank or a draft worker is dead or does not answer."""
+        self.executor.check_health()
+        if self.speculator is not None:
+            self.speculator.check_health()
+
+    def shutdown(self) -> None:
+        if self.speculator is not None:
+            self.speculator.shutdown()
+        self.executor.shutdown()
+
     def step(self) -> tuple[list[GenerationOutput], StepStats]:
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        spec = self.speculator
+        if spec is not None:
+            spec.plan(self.scheduler.running)
+        batch = self.scheduler.schedule(spec.lookahead if spec is not None else None)
         outputs: list[GenerationOutput] = []
         stats = StepStats(num_preempted=batch.num_preempted, num_seqs=len(batch.entries),
                           num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens)
@@ -97,21 +116,31 @@ class LLMEngine:
             for seq, _ in batch.entries:
                 if seq.stats.first_scheduled_time is None:
                     seq.stats.first_scheduled_time = now
-            inp, sampled = self._build_input(batch)
+            proposals = spec.propose(batch) if spec is not None and any(batch.lookahead) else {}
+            inp, sampled = self._build_input(batch, proposals)
             scored = self._ask_prompt_logprobs(inp, batch)
             t1 = time.perf_counter()
             result = self.executor.execute(inp)
             stats.forward_time_s = time.perf_counter() - t1
             stats.model_time_s = result.model_time_s
+            if spec is not None:
+                spec.observe_step(len(inp.token_ids), stats.forward_time_s)
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
             if scored:
                 self._take_prompt_logprobs(scored, result.prompt_logprobs)
             logprobs = dict(zip(inp.logprob_rows, result.logprobs))
             structured = dict(zip(inp.structured_rows, result.structured_finished))
+            accepted = iter(result.accepted)
             now = time.monotonic()
             for j, (seq, token) in enumerate(zip(sampled, result.token_ids)):
-                outputs.append(self._append_token(seq, token, now, logprobs.get(j), structured.get(j)))
+                if inp.num_proposals and inp.num_proposals[j]:
+                    emitted = next(accepted)
+                    seq.num_computed_tokens += len(emitted) - 1  # the accepted proposals' K/V are kept
+                    spec.verified(seq, emitted, stats)
+                    outputs.append(self._append_tokens(seq, emitted, now))
+                else:
+                    outputs.append(self._append_token(seq, token, now, logprobs.get(j), structured.get(j)))
         self._fill_counts(stats)
         stats.step_time_s = time.perf_counter() - t0
         return outputs, stats
@@ -141,19 +170,25 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    def _build_input(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
-        """Packs the batch as plain lists; each rank builds its tensors from them (StepTensors)."""
+    def _build_input(self, batch: ScheduledBatch, proposals: dict) -> tuple[StepInput, list[Sequence]]:
+        """Packs the batch as plain lists; each rank builds its tensors from them (StepTensors).
+        proposals: seq id -> (proposed tokens, q or None), packed after the sequence's last token."""
         ids: list[int] = []
         qlens, ctxs, tables, rows, sampled = [], [], [], [], []
+        num_proposals, draft_probs = [], []
         for i, (seq, n) in enumerate(batch.entries):
             nc = seq.num_computed_tokens
             ids.extend(seq.token_ids[nc:nc + n])
-            qlens.append(n)
-            ctxs.append(nc + n)
+            tokens, q = proposals.get(seq.seq_id, ((), None))
+            ids.extend(tokens)
+            qlens.append(n + len(tokens))
+            ctxs.append(nc + n + len(tokens))
             tables.append(seq.block_table)
             if nc + n == len(seq):
                 rows.append(i)
                 sampled.append(seq)
+                num_proposals.append(len(tokens))
+                draft_probs.append(q)
         params = [s.params for s in sampled]
         inp = StepInput(
             token_ids=ids,
@@ -169,6 +204,10 @@ class LLMEngine:
             seeds=[p.seed for p in params],
             released_seq_ids=self._released,
         )
+        if proposals:
+            inp.num_proposals = num_proposals
+            if any(q is not None for q in draft_probs):
+                inp.draft_probs = draft_probs
         self._released = []
         self._ask_processing(inp, sampled, self.info.max_model_len)
         return inp, sampled
@@ -286,7 +325,26 @@ class LLMEngine:
             self._finish(seq, reason)
         return out
 
+    def _append_tokens(self, seq: Sequence, tokens: list[int], now: float) -> GenerationOutput:
+        """Several tokens of one step (speculation), each checked for stops and limits as if alone:
+        one output with all that were emitted before the sequence finished."""
+        out = None
+        for token in tokens:
+            item = self._append_token(seq, token, now)
+            if out is None:
+                out = item
+            else:
+                out.text += item.text
+                out.token_ids += item.token_ids
+                out.finished, out.finish_reason = item.finished, item.finish_reason
+                out.num_output_tokens = item.num_output_tokens
+            if item.finished:
+                break
+        return out
+
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if self.speculator is not None:
+            self.speculator.release(seq)
         self.scheduler.finish(seq, reason)
         self._released.append(seq.seq_id)
         del self._seqs[seq.request_id]

@@ -34,7 +34,7 @@ from serving.stats import RequestStats, StepStats
 
 logger = logging.getLogger(__name__)
 
-# A step running longer than this gets its ranks pinged by the watchdog (`executor.check_health`).
+# A step running longer than this gets its ranks pinged by the watchdog (`engine.check_health`).
 PROBE_AFTER_S = 2.0
 
 
@@ -170,7 +170,7 @@ class StepLoop:
                 self._fail(UnavailableError(f"an engine step hung for more than {self.step_timeout_s:.0f} s"))
             elif elapsed > PROBE_AFTER_S:
                 try:
-                    self.engine.executor.check_health()
+                    self.engine.check_health()
                 except Exception as e:
                     if self._step_started == started:
                         self._fail(UnavailableError(f"a rank stopped answering during a step: {e}"))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.logits_processors import LogitsProcessor, token_logprobs
+from serving.spec import verify as spec_verify
 from serving.step import StepInput, StepOutput
 
 ATTN_NAME = "engine_paged"
@@ -30,6 +31,9 @@ ATTN_NAME = "engine_paged"
 # group is padded only to its own longest context, not the batch's, and the scratch buffer it is
 # gathered into stays the size of one group.
 DECODE_GROUP_SIZE = 32
+# Rows of at most this many new tokens attend in such groups too (one group per query length): a
+# speculating row's last token and proposals, short prompts. Longer ones attend one by one.
+MAX_GROUPED_QUERY_LEN = 17
 
 
 class StepTensors:
@@ -45,11 +49,16 @@ class StepTensors:
         starts = [0, *itertools.accumulate(qlens)]  # first token of each sequence, then the total
         positions = [p for c, n in zip(ctx, qlens) for p in range(c - n, c)]  # [T]
         slots = [t[p // bs] * bs + p % bs for t, c, n in zip(tables, ctx, qlens) for p in range(c - n, c)]  # [T]
-        # NOTE: every query length is >= 1, so as many sampled sequences as tokens is a pure decode step
-        # sampling every position: logits_to_keep=0 keeps them all without an index
+        # A sampled row keeps the logits of its last new token and, verifying m proposals, of the m
+        # positions before it too (its last token's and each proposal's but the last).
+        props = inp.num_proposals or [0] * num_sampled
+        num_kept = num_sampled + sum(props)
+        # NOTE: every query length is >= 1, so keeping as many positions as tokens is a step that keeps
+        # every position: logits_to_keep=0 keeps them all without an index
         # (prompt log-probabilities keep more positions, after the sampled ones)
-        keep_all = num_sampled == num_tokens and not inp.prompt_logprob_positions
-        logits_rows = [] if keep_all else [*(starts[i + 1] - 1 for i in inp.sample_rows),  # [S] last new tokens
+        keep_all = num_kept == num_tokens and not inp.prompt_logprob_positions
+        logits_rows = [] if keep_all else [*(p for i, m in zip(inp.sample_rows, props)  # [S + proposals]
+                                             for p in range(starts[i + 1] - 1 - m, starts[i + 1])),
                                            *inp.prompt_logprob_positions]
         padded = itertools.chain.from_iterable(t + [0] * (width - len(t)) for t in tables)  # [B * width]
         ints = torch.tensor([*inp.token_ids, *positions, *slots, *ctx, *logits_rows, *padded],
@@ -60,37 +69,52 @@ class StepTensors:
         table = table.view(num_seqs, width)  # [B, width] block ids (past a table's end: block 0)
 
         self.prefill = [_Prefill(starts[i], n, ctx[i], table[i, :-(-ctx[i] // bs)], device)
-                        for i, n in enumerate(qlens) if n != 1]
-        decode = [i for i, n in enumerate(qlens) if n == 1]
-        if len(decode) > DECODE_GROUP_SIZE:
-            decode.sort(key=ctx.__getitem__)  # similar lengths together: each group pads to its own longest
-        self.decode_groups = [_DecodeGroup(decode[g:g + DECODE_GROUP_SIZE], starts, ctx, ctx_t, table, bs)
-                              for g in range(0, len(decode), DECODE_GROUP_SIZE)]
+                        for i, n in enumerate(qlens) if n > MAX_GROUPED_QUERY_LEN]
+        # Short rows (decode tokens; a speculating row's last token and proposals) attend in groups of
+        # one query length each
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(qlens):
+            if n <= MAX_GROUPED_QUERY_LEN:
+                by_len.setdefault(n, []).append(i)
+        self.decode_groups = []
+        for q_len, rows in by_len.items():
+            if len(rows) > DECODE_GROUP_SIZE:
+                rows.sort(key=ctx.__getitem__)  # similar lengths together: each group pads to its own longest
+            self.decode_groups += [_DecodeGroup(rows[g:g + DECODE_GROUP_SIZE], q_len, starts, ctx, ctx_t, table, bs)
+                                   for g in range(0, len(rows), DECODE_GROUP_SIZE)]
 
 
 class _DecodeGroup:
-    """Sequences with one new token each, attended together over their gathered blocks."""
+    """Sequences with q_len new tokens each (1: decoding; more: a speculating row, or a short prompt),
+    attended together over their gathered blocks."""
 
-    def __init__(self, rows: list[int], starts: list[int], ctx: list[int], ctx_t: torch.Tensor,
+    def __init__(self, rows: list[int], q_len: int, starts: list[int], ctx: list[int], ctx_t: torch.Tensor,
                  table: torch.Tensor, block_size: int):
-        self.n = len(rows)
+        self.n, self.q_len = len(rows), q_len
         self.width = max(ctx[i] for i in rows)  # longest context in the group
+        dev = table.device
         if rows == list(range(rows[0], rows[0] + self.n)):  # consecutive rows: views, no index
             sel = slice(rows[0], rows[0] + self.n)
             first = starts[rows[0]]
-            self.tokens = slice(first, first + self.n)
+            self.tokens = slice(first, first + self.n * q_len)
         else:
-            sel = torch.tensor(rows, dtype=torch.long, device=table.device)
-            self.tokens = torch.tensor([starts[i] for i in rows], dtype=torch.long, device=table.device)
+            sel = torch.tensor(rows, dtype=torch.long, device=dev)
+            self.tokens = torch.tensor([p for i in rows for p in range(starts[i], starts[i] + q_len)],
+                                       dtype=torch.long, device=dev)
         # [n * num_blocks] the group's blocks, row after row (past a row's end: any block, masked)
         self.blocks = table[sel, :-(-self.width // block_size)].reshape(-1)
-        self.mask = None  # [n, 1, 1, width]: True where the key is inside the sequence; None if all are full
-        if min(ctx[i] for i in rows) != self.width:
-            self.mask = (torch.arange(self.width, device=table.device) < ctx_t[sel, None])[:, None, None, :]
+        # [n, 1, q_len, width]: True where the key is inside the sequence and not after the query
+        # (query t of a row with context c sits at position c - q_len + t); None if nothing is masked
+        self.mask = None
+        if q_len > 1:
+            last = ctx_t[sel, None] - q_len + torch.arange(q_len, device=dev)  # [n, q_len]
+            self.mask = (torch.arange(self.width, device=dev) <= last[:, :, None])[:, None]
+        elif min(ctx[i] for i in rows) != self.width:
+            self.mask = (torch.arange(self.width, device=dev) < ctx_t[sel, None])[:, None, None, :]
         self._buffers: Optional[tuple[torch.Tensor, ...]] = None
 
     def attend(self, q: torch.Tensor, kv: "_LayerKV", pools: "KVPools", scaling) -> torch.Tensor:
-        """q: [n, H, 1, D] -> [n, H, 1, D], each query over its own sequence's context in one layer's pools.
+        """q: [n, H, q_len, D] -> [n, H, q_len, D], each row over its own sequence's context in one layer's pools.
 
         NOTE: every layer gathers into the same scratch buffers, so their views are made once per step."""
         if self._buffers is None:
@@ -178,7 +202,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q_all = query.transpose(0, 2)  # [T, H, 1, D]: one query row per token
     out = torch.empty(q_all.shape[0], q_all.shape[1], q_all.shape[3], dtype=query.dtype, device=query.device)
     for g in step.decode_groups:
-        out[g.tokens] = g.attend(q_all[g.tokens], kv, pools, scaling)[:, :, 0]  # a slice or an index
+        if g.q_len == 1:
+            out[g.tokens] = g.attend(q_all[g.tokens], kv, pools, scaling)[:, :, 0]  # a slice or an index
+        else:  # [n * q_len, H, 1, D] -> [n, H, q_len, D] and back
+            q = q_all[g.tokens][:, :, 0].unflatten(0, (g.n, g.q_len)).transpose(1, 2)
+            out[g.tokens] = g.attend(q, kv, pools, scaling).transpose(1, 2).flatten(0, 1)
     for p in step.prefill:
         q = query[:, :, p.start:p.start + p.q_len]  # [1, H, q, D]
         k = kv.k_blocks.index_select(0, p.blocks).flatten(0, 1)[:p.ctx_len].transpose(0, 1)  # [KVH, ctx, D]
@@ -210,13 +238,22 @@ class ModelRunner:
     def forward(self, inp: StepInput) -> torch.Tensor:
         """Returns the logits of the sampled positions, [S, vocab] float32."""
         t = StepTensors(inp, self.device)
-        out = self.model(
-            input_ids=t.input_ids[None],
-            position_ids=t.positions[None],
-            use_cache=False,
-            logits_to_keep=t.logits_to_keep,
-            paged_meta=_Meta(t, self.pools),
-        )
+        config = getattr(self.model, "module", self.model).config
+        num_layers = config.num_hidden_layers
+        if inp.exit_layers:
+            # NOTE: HF's decoder loops over layers[:config.num_hidden_layers]: fewer layers is an early exit
+            # through the same final norm and LM head; their K/V go to the same pools, as a full pass would
+            config.num_hidden_layers = min(inp.exit_layers, num_layers)
+        try:
+            out = self.model(
+                input_ids=t.input_ids[None],
+                position_ids=t.positions[None],
+                use_cache=False,
+                logits_to_keep=t.logits_to_keep,
+                paged_meta=_Meta(t, self.pools),
+            )
+        finally:
+            config.num_hidden_layers = num_layers
         logits = out.logits[0]
         return logits if logits.dtype == torch.float32 else logits.float()  # NOTE: even a no-op call costs here
 
@@ -238,13 +275,20 @@ class StepRunner:
         """Rank 0's sampled tokens (with their log-probabilities where asked) and model time; None on
         ranks that do not sample."""
         t0 = time.perf_counter()
-        logits = self.runner.forward(inp)  # [S + prompt positions, V]
+        logits = self.runner.forward(inp)  # [S + proposals + prompt positions, V]
         if self.sampler is None:
             return None
+        if inp.exit_layers:
+            tokens, q = spec_verify.propose(logits, inp, self.sampler)
+            return StepOutput(tokens, probs=q, model_time_s=time.perf_counter() - t0)
         self.sampler.release(inp.released_seq_ids)
         self.processor.release(inp.released_seq_ids)
         num_sampled = len(inp.sample_rows)
-        sample_logits = logits[:num_sampled]  # NOTE: a view, processed in place
+        num_kept = num_sampled + sum(inp.num_proposals)
+        if num_kept == num_sampled:
+            sample_logits = logits[:num_sampled]  # NOTE: a view, processed in place
+        else:  # each row's last kept position: where it samples when it does not speculate
+            sample_logits = logits[[end - 1 for end in itertools.accumulate(m + 1 for m in inp.num_proposals)]]
         raw = sample_logits[inp.logprob_rows] if inp.logprob_rows else None  # a copy: before processing
         if self._structured is not None:
             self._structured.release(inp.released_seq_ids)
@@ -268,8 +312,10 @@ class StepRunner:
             out.logprobs = token_logprobs(raw, torch.tensor([tokens[r] for r in inp.logprob_rows]),
                                           inp.num_top_logprobs)
         if inp.prompt_logprob_positions:
-            out.prompt_logprobs = token_logprobs(logits[num_sampled:], torch.tensor(inp.prompt_logprob_targets),
+            out.prompt_logprobs = token_logprobs(logits[num_kept:], torch.tensor(inp.prompt_logprob_targets),
                                                  inp.prompt_num_top_logprobs)
+        if num_kept != num_sampled:
+            out.accepted = spec_verify.verify(logits, inp, self.sampler)
         out.model_time_s = time.perf_counter() - t0
         return out
 

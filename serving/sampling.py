@@ -128,6 +128,11 @@ class Sampler:
             stream = self._streams[seq_id] = random.Random(seed)
         return stream
 
+    def uniforms(self, seq_id: int, seed: Optional[int], n: int) -> list[float]:
+        """n draws from the sequence's own stream (seeded) or the shared one: speculative acceptance."""
+        stream = self._stream(seq_id, seed)
+        return [stream.random() for _ in range(n)]
+
     def sample(self, logits: torch.Tensor, seq_ids: list[int], temperatures: list[float], top_ps: list[float],
                top_ks: list[int], seeds: list[Optional[int]], min_ps: Optional[list[float]] = None) -> list[int]:
         """logits: [S, V] float32 -> S token ids. `min_ps` (None or empty: all 0) applies to sampled rows only:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from serving.block_manager import BlockManager
 from serving.config import SchedulerConfig
@@ -23,11 +24,14 @@ from serving.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     # (sequence, number of its tokens computed this step), in the order they are packed
     entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    # Per entry, the speculative positions reserved after its last token (tokens and KV slots);
+    # 0 for prefill chunks and for sequences that do not speculate this step.
+    lookahead: list[int] = field(default_factory=list)
     num_preempted: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.entries)
+        return sum(n for _, n in self.entries) + sum(self.lookahead)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -35,6 +39,7 @@ class ScheduledBatch:
 
     @property
     def num_decode_tokens(self) -> int:
+        """Decode positions: each decoding sequence's last token and its speculative ones."""
         return self.num_tokens - self.num_prefill_tokens
 
     def __bool__(self) -> bool:
@@ -55,7 +60,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, lookahead: Optional[Callable[[Sequence], int]] = None) -> ScheduledBatch:
+        """lookahead(seq): speculative positions wanted after a decoding sequence's last token. They
+        are budgeted like tokens and given KV slots when free, never by preempting anyone."""
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -64,6 +71,11 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if n > 1:  # a prefill chunk shrinks to the free slots before anyone is preempted
                 n = max(1, min(n, self._fit(seq)))
+            k = 0
+            if lookahead is not None and seq.num_uncomputed_tokens == 1:
+                k = min(lookahead(seq), budget - 1)
+                if k > 0 and not self.blocks.can_grow(seq, seq.num_computed_tokens + 1 + k):
+                    k = 0
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + n) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 batch.num_preempted += 1
@@ -71,9 +83,10 @@ class Scheduler:
                 self._preempt(seq)  # the newest sequence left cannot grow: it waits
                 batch.num_preempted += 1
                 break
-            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            self.blocks.grow(seq, seq.num_computed_tokens + n + k)
             batch.entries.append((seq, n))
-            budget -= n
+            batch.lookahead.append(k)
+            budget -= n + k
             i += 1
         if batch.num_preempted:
             return batch  # NOTE: admit nothing new while memory is short
@@ -87,6 +100,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.entries.append((seq, n))
+            batch.lookahead.append(0)
             budget -= n
         return batch
 

@@ -24,6 +24,8 @@ class StepStats:
     num_kv_blocks_free: int = 0
     num_spec_proposed: int = 0  # speculative tokens proposed this step
     num_spec_accepted: int = 0  # of them, accepted
+    # per proposer: [proposed, accepted, verified rows] (a row: one sequence's proposals in one step)
+    spec_by_proposer: dict[str, list[int]] = field(default_factory=dict)
     step_time_s: float = 0.0  # wall time of the whole step
     forward_time_s: float = 0.0  # wall time inside the executor (model forward + sampling + transport)
     model_time_s: float = 0.0  # of it, rank 0's model forward + sampling (no transport)

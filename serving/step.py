@@ -6,7 +6,7 @@ answers with a `StepOutput`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:
     from serving.structured import JsonSpec
@@ -57,6 +57,16 @@ class StepInput:
     structured_rows: list[int] = field(default_factory=list)
     structured_tokens_left: list[int] = field(default_factory=list)
     structured_specs: list[Optional["JsonSpec"]] = field(default_factory=list)
+    # Speculative decoding (serving/spec). Verifying: per sampled row, how many proposals follow its
+    # last token in token_ids (its logits are kept at all of them, and rank 0 accepts or rejects
+    # them); empty when no row speculates. draft_probs: rank 0 only (never sent to other ranks),
+    # empty or one per sampled row: the proposer's q [num_proposals, V], or None where the row is
+    # greedy or its proposals are deterministic (n-gram lookup: q is one-hot).
+    num_proposals: list[int] = field(default_factory=list)
+    draft_probs: list[Any] = field(default_factory=list)
+    # Proposing by early exit: > 0 runs only the model's first exit_layers layers (then its norm and
+    # LM head) and samples each row's proposal, returning q for the sampled rows (StepOutput.probs).
+    exit_layers: int = 0
     # Sequences that ended since the last step: their per-request RNG state can go.
     released_seq_ids: list[int] = field(default_factory=list)
 
@@ -72,6 +82,10 @@ class StepOutput:
     # One per structured row: None, or the finish reason once its document is complete ("stop"; "length"
     # where it was closed early for max_tokens)
     structured_finished: list[Optional[str]] = field(default_factory=list)
+    # One per sampled row with proposals (num_proposals > 0), in row order: the 1..k + 1 tokens it emits
+    # (accepted proposals, then the target's own token); such rows' token_ids entries are unused.
+    accepted: list[list[int]] = field(default_factory=list)
+    probs: Any = None  # an exit_layers pass: [sampled rows with temperature > 0, V] q of each proposal
     model_time_s: float = 0.0  # rank 0's forward + sampling (no transport)
 
 

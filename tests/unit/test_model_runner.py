@@ -109,6 +109,12 @@ def test_decode_groups_use_views_only_for_consecutive_rows():
     assert g.blocks.tolist() == [1, 2, 3, 0, 4, 5, 6, 0]  # table rows padded with block 0, masked
     t = mr.StepTensors(StepInput(token_ids=[5, 6, 7, 8, 9], query_lens=[1, 1, 2, 1], context_lens=[6, 3, 8, 2],
                                  block_tables=tables, block_size=4, sample_rows=[0, 1, 2, 3]), torch.device("cpu"))
-    g, = t.decode_groups
-    assert [p.start for p in t.prefill] == [2]
+    g, two = t.decode_groups  # a 2-token row is a group of its own query length
+    assert not t.prefill and two.q_len == 2 and two.tokens == slice(2, 4)
+    assert two.mask[0, 0].tolist() == [[True] * 7 + [False], [True] * 8]  # causal inside the row
     assert g.tokens.tolist() == [0, 1, 4] and t.logits_to_keep.tolist() == [0, 1, 3, 4]
+    long = mr.MAX_GROUPED_QUERY_LEN + 1
+    t = mr.StepTensors(StepInput(token_ids=[5] * (long + 1), query_lens=[1, long], context_lens=[6, long + 2],
+                                 block_tables=[[1, 2], [3, 4, 5, 6, 7, 8]], block_size=4, sample_rows=[0, 1]),
+                       torch.device("cpu"))
+    assert [p.start for p in t.prefill] == [1] and len(t.decode_groups) == 1  # a long row attends alone

@@ -1,0 +1,158 @@
+"""The engine's speculative decoding: which sequences speculate, their proposals, what was accepted.
+
+Per step (serving/engine.py): `plan` gives k per decoding sequence (serving/spec/policy.py), the
+scheduler reserves k positions after each one's last token (`lookahead`), `propose` asks the
+proposers for the batch (one call per proposer), the target verifies every row in one forward
+(serving/spec/verify.py on rank 0) and `verified` learns from what it accepted.
+"""
+
+from __future__ import annotations
+
+from serving.config import SpeculativeConfig
+from serving.scheduler import ScheduledBatch
+from serving.sequence import Sequence
+from serving.spec.policy import PROBE_EVERY, LinearCost, SpecPolicy
+from serving.spec.proposers import Proposer
+from serving.stats import StepStats
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Rows whose sampling reads state the proposals would change (penalties, biases, grammars) or that
+    report per-token log-probabilities sample one token at a time."""
+    p = seq.params
+    return not (p.logprobs is not None or p.json_spec is not None or p.logit_bias or p.has_penalties
+                or seq.num_output_tokens < p.min_tokens)
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposers: list[Proposer], step_cost: LinearCost,
+                 max_model_len: int):
+        self.proposers = {p.name: p for p in proposers}
+        self.auto = config.method == "auto"
+        self.policy = SpecPolicy(config.num_speculative_tokens, config.adaptive, step_cost)
+        self.max_model_len = max_model_len
+        self._steps = 0
+        self._ks: dict[int, int] = {}  # seq id -> k planned for the coming step
+        self._who: dict[int, str] = {}  # seq id -> its proposer this step
+        self._proposed: dict[int, tuple[int, list[int], object]] = {}  # seq id -> (len before, proposals, q)
+
+    def plan(self, running: list[Sequence]) -> None:
+        decoding = [s for s in running if s.num_uncomputed_tokens == 1 and can_speculate(s)]
+        who = [self._pick(s) for s in decoding]
+        alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
+        # NOTE: k + 1 tokens may be emitted: stay one short of max_tokens and of the context
+        limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - len(s)) - 1 for s in decoding]
+        self._steps += 1
+        probe = (self._steps // PROBE_EVERY) % len(decoding) if decoding and self._steps % PROBE_EVERY == 0 else -1
+        ks = self.policy.plan(alphas, limits, who, probe)
+        self._ks = {s.seq_id: k for s, k in zip(decoding, ks) if k > 0}
+        self._who = {s.seq_id: name for s, name in zip(decoding, who)}
+
+    def _pick(self, seq: Sequence) -> str:
+        if not self.auto:
+            return next(iter(self.proposers))
+        # auto: n-gram when it has been accepting at least as well as the draft for this sequence
+        acc = self.policy.acceptance
+        return max(self.proposers, key=lambda name: (acc.alpha(seq.seq_id, name), name == "ngram"))
+
+    def lookahead(self, seq: Sequence) -> int:
+        return self._ks.get(seq.seq_id, 0)
+
+    def propose(self, batch: ScheduledBatch) -> dict[int, tuple[list[int], object]]:
+        """seq id -> (its proposals, q or None) for the batch's sequences that reserved positions."""
+        groups: dict[str, list[tuple[Sequence, int]]] = {}
+        for (seq, _), k in zip(batch.entries, batch.lookahead):
+            if k:
+                groups.setdefault(self._who[seq.seq_id], []).append((seq, k))
+        out = {}
+        for name, rows in groups.items():
+            seqs, ks = [s for s, _ in rows], [k for _, k in rows]
+            result = self.proposers[name].propose(seqs, ks)
+            self.policy.observe_round(name, len(seqs), max(ks), result.time_s)
+            for seq, tokens, q in zip(seqs, result.tokens, result.probs):
+                if self.auto and not tokens and name == "ngram" and "draft" in self.proposers:
+                    self.policy.acceptance.observe(seq.seq_id, name, 1, 0)  # no match: try the draft next time
+                if tokens:
+                    out[seq.seq_id] = (tokens, q)
+                    self._proposed[seq.seq_id] = (len(seq), tokens, name)
+        return out
+
+    def verified(self, seq: Sequence, emitted: list[int], stats: StepStats) -> None:
+        """The target emitted `emitted` after `seq`'s proposals: all accepted ones, then its own token."""
+        num_before, tokens, name = self._proposed.pop(seq.seq_id)
+        accepted = len(emitted) - 1
+        self.proposers[name].verified(seq, num_before, len(tokens), accepted)
+        self.policy.acceptance.observe(seq.seq_id, name, len(tokens), accepted)
+        stats.num_spec_proposed += len(tokens)
+        stats.num_spec_accepted += accepted
+        counts = stats.spec_by_proposer.setdefault(name, [0, 0, 0])  # proposed, accepted, verified rows
+        counts[0] += len(tokens)
+        counts[1] += accepted
+        counts[2] += 1
+
+    def measure_proposers(self, block_size: int, num_blocks: int) -> None:
+        """Each proposer's round cost at 1 and 8 sequences, from throwaway rounds on dummy sequences:
+        the prior of its online fit. NOTE: before any request (they write into free blocks)."""
+        from serving.sampling import SamplingParams
+
+        ctx = min(32, num_blocks * block_size - self.policy.max_k)
+        table = list(range(-(-(ctx + self.policy.max_k) // block_size)))
+        k = self.policy.max_k
+        for name, proposer in self.proposers.items():
+            for num_seqs in (1, 8):
+                seqs = [Sequence(f"calibration-{i}", [3] * ctx, SamplingParams(max_tokens=k + 1, temperature=0.0))
+                        for i in range(num_seqs)]
+                for seq in seqs:
+                    seq.block_table = table
+                proposer.propose(seqs, [k] * num_seqs)  # warm-up
+                result = proposer.propose(seqs, [k] * num_seqs)
+                self.policy.observe_round(name, num_seqs, k, result.time_s)
+                for seq in seqs:
+                    proposer.release(seq)
+
+    def observe_step(self, num_tokens: int, forward_s: float) -> None:
+        self.policy.step_cost.observe(num_tokens, forward_s)
+
+    def release(self, seq: Sequence) -> None:
+        for p in self.proposers.values():
+            p.release(seq)
+        self.policy.acceptance.release(seq.seq_id)
+        self._proposed.pop(seq.seq_id, None)
+
+    def check_health(self) -> None:
+        for p in self.proposers.values():
+            check = getattr(p, "check_health", None)
+            if check is not None:
+                check()
+
+    def shutdown(self) -> None:
+        for p in self.proposers.values():
+            close = getattr(p, "shutdown", None)
+            if close is not None:
+                close()
+
+
+def measure_step_cost(executor, block_size: int, num_blocks: int) -> LinearCost:
+    """The target's forward time against its token count, from a few throwaway steps of decoding-like
+    rows (1 and 5 tokens each) at 1, 8 and 32 sequences; the prior of the online fit.
+
+    NOTE: run before any request: the rows write into free blocks, which nobody reads."""
+    import time
+
+    from serving.step import StepInput
+
+    ctx = min(64, num_blocks * block_size)
+    table = list(range(-(-ctx // block_size)))
+    fit = LinearCost(0.0, 0.0, prior_weight=1e-6)
+    for num_seqs in (1, 8, 32):
+        for q in (1, 5):
+            inp = StepInput(token_ids=[3] * (num_seqs * q), query_lens=[q] * num_seqs, context_lens=[ctx] * num_seqs,
+                            block_tables=[table] * num_seqs, block_size=block_size,
+                            sample_rows=list(range(num_seqs)), seq_ids=[-1] * num_seqs,
+                            temperatures=[0.0] * num_seqs, top_ps=[1.0] * num_seqs, top_ks=[-1] * num_seqs,
+                            seeds=[None] * num_seqs, num_proposals=[q - 1] * num_seqs)
+            executor.execute(inp)  # warm-up
+            t0 = time.perf_counter()
+            executor.execute(inp)
+            fit.observe(num_seqs * q, time.perf_counter() - t0)
+    return fit
