@@ -199,12 +199,16 @@ ENGINE = Dashboard(
                    Target(gauge(m.NUM_WAITING, ("replica",)), f"waiting {_REPLICA}"))),
         )),
         Row("Speculative decoding", (
-            Panel("Speculative tokens per second", "Draft tokens proposed and accepted by the target model.",
-                  (Target(rate(m.SPEC_PROPOSED, ("replica",)), f"proposed {_REPLICA}"),
-                   Target(rate(m.SPEC_ACCEPTED, ("replica",)), f"accepted {_REPLICA}"))),
-            Panel("Acceptance rate", "Accepted over proposed speculative tokens.",
-                  (Target(ratio(rate(m.SPEC_ACCEPTED, ("replica",)), rate(m.SPEC_PROPOSED, ("replica",))),
-                          _REPLICA),), unit="percentunit"),
+            Panel("Speculative tokens per second", "Tokens proposed and accepted by the target model, per proposer.",
+                  (Target(rate(m.SPEC_PROPOSED, ("proposer",)), "proposed {{proposer}}"),
+                   Target(rate(m.SPEC_ACCEPTED, ("proposer",)), "accepted {{proposer}}"))),
+            Panel("Acceptance rate", "Accepted over proposed speculative tokens, per proposer.",
+                  (Target(ratio(rate(m.SPEC_ACCEPTED, ("proposer",)), rate(m.SPEC_PROPOSED, ("proposer",))),
+                          "{{proposer}}"),), unit="percentunit"),
+            Panel("Tokens per verifying step", "Mean tokens a sequence emits in a step that verifies its "
+                                               "proposals (accepted + 1), per proposer; 1 is no gain.",
+                  (Target(ratio(f"({rate(m.SPEC_ACCEPTED, ('proposer',))} + {rate(m.SPEC_VERIFIED, ('proposer',))})",
+                                rate(m.SPEC_VERIFIED, ("proposer",))), "{{proposer}}"),)),
         )),
         Row("Semantic cache", (
             Panel("Cache operations per second", "Lookups, hits, misses, inserts, evictions by reason "

@@ -54,6 +54,7 @@ class LLMServer:
         self.load = ReplicaLoad()  # what record_autoscaling_stats() reports
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
+        self.spec_totals: dict[str, list[int]] = {}  # proposer -> [proposed, accepted, verified rows]
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
                     config.parallel.engine_process)
@@ -190,6 +191,8 @@ class LLMServer:
         out = {"num_requests": self.num_requests, "num_kv_blocks": num_blocks,
                "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
                "num_pending": self.engine.num_pending}
+        for proposer, (proposed, accepted, rows) in self.spec_totals.items():
+            out[f"spec_{proposer}"] = {"proposed": proposed, "accepted": accepted, "verified_rows": rows}
         if steps:  # medians over the last (up to) 256 steps, in seconds
             for name in ("step_time_s", "forward_time_s", "model_time_s", "num_seqs"):
                 out[f"recent_{name}_p50"] = statistics.median(getattr(s, name) for s in steps)
@@ -227,6 +230,10 @@ class LLMServer:
 
     def _on_step(self, stats, finished) -> None:
         self.last_stats = stats
+        for proposer, counts in stats.spec_by_proposer.items():
+            total = self.spec_totals.setdefault(proposer, [0, 0, 0])
+            for i, c in enumerate(counts):
+                total[i] += c
         if stats.num_seqs:
             self.recent_steps.append(stats)
         self.telemetry.record_step(stats)

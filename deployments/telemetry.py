@@ -148,8 +148,11 @@ class EngineTelemetry:
         count every step (they cost nothing when zero)."""
         t = self._tags
         _inc(m.PREEMPTIONS, stats.num_preempted, t)
-        _inc(m.SPEC_PROPOSED, stats.num_spec_proposed, t)
-        _inc(m.SPEC_ACCEPTED, stats.num_spec_accepted, t)
+        for proposer, (proposed, accepted, rows) in stats.spec_by_proposer.items():
+            tags = {**t, "proposer": proposer}
+            self._counts.add(m.SPEC_PROPOSED, tags, proposed)
+            self._counts.add(m.SPEC_ACCEPTED, tags, accepted)
+            self._counts.add(m.SPEC_VERIFIED, tags, rows)
         now = self._clock()
         going_idle = stats.num_running == 0 and stats.num_waiting == 0  # NOTE: never leave stale gauges
         if now - self._last_sampled < self.sample_period_s and not going_idle:

@@ -59,9 +59,13 @@ class EngineProcess:
         self.server.serve()
 
     def where(self) -> dict:
-        """This process (see `where`), and the pids of the other ranks' actors."""
+        """This process (see `where`), the pids of the other ranks' actors and where the draft worker
+        runs (None without one)."""
         workers = getattr(self.engine.executor, "workers", [])
-        return {**where(), "rank_pids": ray.get([w.pid.remote() for w in workers], timeout=30)}
+        spec = self.engine.speculator
+        draft = spec.proposers.get("draft") if spec is not None else None
+        return {**where(), "rank_pids": ray.get([w.pid.remote() for w in workers], timeout=30),
+                "draft": ray.get(draft.client.actor.where.remote(), timeout=30) if draft is not None else None}
 
     def check_health(self) -> None:
         if self.server is not None and self.server.loop.error is not None:

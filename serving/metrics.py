@@ -107,9 +107,13 @@ FORWARD_TIME = MetricSpec("llm_forward_time_seconds", H,
                           _MODEL, LATENCY_BUCKETS_S)
 MODEL_TIME = MetricSpec("llm_model_time_seconds", H,
                         "Rank 0's model forward and sampling in one step (no transport).", _MODEL, LATENCY_BUCKETS_S)
-SPEC_PROPOSED = MetricSpec("llm_spec_proposed_tokens", C, "Speculative tokens proposed.", _MODEL)
+_PROPOSER = ("model", "proposer")  # ngram, draft or early_exit
+SPEC_PROPOSED = MetricSpec("llm_spec_proposed_tokens", C, "Speculative tokens proposed.", _PROPOSER)
 SPEC_ACCEPTED = MetricSpec("llm_spec_accepted_tokens", C, "Speculative tokens accepted by the target model.",
-                           _MODEL)
+                           _PROPOSER)
+# One sequence's proposals verified in one step: (accepted + verified) / verified is the mean number
+# of tokens a verifying step emits per sequence.
+SPEC_VERIFIED = MetricSpec("llm_spec_verified_rows", C, "Sequences whose proposals a step verified.", _PROPOSER)
 WORKER_GROUP_RESTARTS = MetricSpec("llm_worker_group_restarts", C, "Worker groups restarted after a failure.",
                                    _MODEL)
 

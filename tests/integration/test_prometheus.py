@@ -272,8 +272,9 @@ REAL_APP = "obs-llm"
 # Metrics the real app does not record in this test, and why; drop an entry once its recording lands.
 REAL_APP_NOT_RECORDED = {
     m.WORKER_GROUP_RESTARTS.name: "no worker group fails in this test",
-    m.SPEC_PROPOSED.name: "speculative decoding is not implemented yet",
-    m.SPEC_ACCEPTED.name: "speculative decoding is not implemented yet",
+    m.SPEC_PROPOSED.name: "speculative decoding is off in this app",
+    m.SPEC_ACCEPTED.name: "speculative decoding is off in this app",
+    m.SPEC_VERIFIED.name: "speculative decoding is off in this app",
     m.CACHE_EVICTIONS.name: "the cache never fills up in this test",
 }
 

@@ -87,3 +87,14 @@ def test_config_is_frozen():
 
 def test_numeric_looking_model_name_stays_a_string():
     assert AppConfig.from_flat_args({"model_name": "123"}).models[0].model.name == "123"
+
+
+def test_speculative_flat_arguments():
+    config = AppConfig.from_flat_args({"speculative_method": "draft", "num_speculative_tokens": "4",
+                                       "speculative_adaptive": "false", "early_exit_layers": "3"})
+    spec = config.models[0].speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.adaptive, spec.early_exit_layers) == ("draft", 4, False, 3)
+    assert spec.enabled and spec.uses_draft
+    assert not AppConfig.from_flat_args({}).models[0].speculative.enabled
+    with pytest.raises(ValueError):
+        AppConfig.from_flat_args({"speculative_method": "medusa"})
