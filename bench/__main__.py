@@ -44,7 +44,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-lognormal", metavar="MEDIAN,SIGMA",
                    help="synthetic max_tokens lognormal (clipped to --output-len) instead of uniform: "
                         "a heavy tail like chat answers, e.g. 48,1.0")
-    p.add_argument("--targets", default="ours,baseline", help="what to deploy and drive: ours, baseline")
+    p.add_argument("--targets", default="ours,baseline",
+                   help="what to deploy and drive: ours, baseline, or names given with --variant")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="another configuration of ours, deployed as target NAME: ours plus these flat arguments, "
+                        "e.g. ngram:speculative_method=ngram (repeatable)")
+    p.add_argument("--reference", help="the target the ratios divide by (default: baseline if driven, else the first)")
     p.add_argument("--url", help="drive running servers instead: URL or name=URL, comma-separated")
     p.add_argument("--price-per-hour", type=float, default=1.0, help="machine price (USD/h) for $/M output tokens")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per target before its runs")
@@ -64,7 +69,30 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mode == "closed" and args.rates:
         p.error("--rates is for --mode open; use --concurrency")
+    args.variants = {}
+    for v in args.variant:
+        name, _, flat = v.partition(":")
+        if not name or name in ("ours", "baseline") or "=" not in flat:
+            p.error(f"--variant {v!r}: expected NAME:KEY=VALUE[,KEY=VALUE], NAME not ours or baseline")
+        args.variants[name] = [kv.strip() for kv in flat.split(",") if kv.strip()]
     return args
+
+
+def speculation_stats(target: str) -> dict:
+    """Per proposer of the target's (first) LLM replica: proposed, accepted, verified rows and the mean
+    tokens per verifying step; {} without speculation."""
+    from ray import serve
+
+
+    status = serve.status().applications[target].deployments
+    name = next(d for d in status if d.startswith("LLMServer"))
+    stats = serve.get_deployment_handle(name, app_name=target).stats.remote().result(timeout_s=30)
+    out = {}
+    for key, c in stats.items():
+        if key.startswith("spec_") and c["verified_rows"]:
+            out[key[5:]] = {**c, "acceptance": c["accepted"] / max(c["proposed"], 1),
+                            "tokens_per_verifying_step": (c["accepted"] + c["verified_rows"]) / c["verified_rows"]}
+    return out
 
 
 def load_points(args, reqs) -> list[tuple[float, list[workload.BenchRequest]]]:
@@ -86,9 +114,9 @@ def deploy_and_drive(args, model_path: str, points, extra_body, meta: dict) -> l
     from ray import serve
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - {"ours", "baseline"}
+    unknown = set(targets) - {"ours", "baseline", *args.variants}
     if unknown:
-        raise SystemExit(f"--targets: unknown {sorted(unknown)} (known: ours, baseline)")
+        raise SystemExit(f"--targets: unknown {sorted(unknown)} (known: ours, baseline, {', '.join(args.variants)})")
     meta["ingress"] = args.ingress
     meta["serve_env"] = serve_env()
     runs: list[client.RunResult] = []
@@ -106,6 +134,8 @@ def deploy_and_drive(args, model_path: str, points, extra_body, meta: dict) -> l
                 continue
             tqdm.write(f"{target} deployed in {time.perf_counter() - t:.0f}s at {url}")
             runs += drive(target, url, points, args, extra_body)
+            if target != "baseline":
+                meta.setdefault("speculation", {})[target] = speculation_stats(target)
             serve.delete(target)  # NOTE: one target at a time, so the two never share the CPUs
     return runs
 
@@ -137,10 +167,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta["notes"].append("ITL is pooled over all gaps between non-empty chunks; output tokens come from usage "
                          "(the server may stop at EOS before max_tokens)")
     rows = [report.summarize(run, args.price_per_hour) for run in runs]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    reference = args.reference or ("baseline" if "baseline" in targets else targets[0])
     out = Path(args.out) if args.out else RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.mode}"
     paths = report.save_results(out, rows, meta, runs)
     print()
-    print(report.render_markdown(rows, {k: meta[k] for k in ("model", "mode", "price_per_hour", "notes")}))
+    print(report.render_markdown(rows, {k: meta[k] for k in ("model", "mode", "price_per_hour", "notes")}, reference))
+    for target, per_proposer in meta.get("speculation", {}).items():
+        for name, c in per_proposer.items():
+            print(f"speculation {target}/{name}: acceptance {c['acceptance']:.2f}, "
+                  f"{c['tokens_per_verifying_step']:.2f} tokens per verifying step "
+                  f"({c['accepted']}/{c['proposed']} proposals, {c['verified_rows']} rows)")
     print("saved: " + ", ".join(str(p) for p in paths.values()))
     return 0 if rows and all(r["num_ok"] for r in rows) else 1
 

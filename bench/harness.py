@@ -110,14 +110,15 @@ def deploy(target: str, args, model_path: str, port: int, meta: dict) -> str:
     """Deploy one target on the running Serve instance; return its base URL."""
     from ray import serve
 
-    if target == "ours":
+    variants = getattr(args, "variants", {})
+    if target == "ours" or target in variants:
         from deployments.builder import build_app
         from serving.config import AppConfig
 
         flat = {"model": model_path, "cache": False}
-        flat.update(kv.split("=", 1) for kv in args.ours_arg)
-        meta["ours_args"] = flat
-        serve.run(build_app(AppConfig.from_flat_args(flat)), name="ours", route_prefix="/")
+        flat.update(kv.split("=", 1) for kv in [*args.ours_arg, *variants.get(target, [])])
+        meta.setdefault("ours_args", {})[target] = flat
+        serve.run(build_app(AppConfig.from_flat_args(flat)), name=target, route_prefix="/")
         return f"http://127.0.0.1:{port}"
     from bench.baseline import build_baseline_app
 

@@ -116,15 +116,18 @@ class LLMEngine:
             for seq, _ in batch.entries:
                 if seq.stats.first_scheduled_time is None:
                     seq.stats.first_scheduled_time = now
-            proposals = spec.propose(batch) if spec is not None and any(batch.lookahead) else {}
+            proposals = {}
+            if spec is not None and any(batch.lookahead):
+                t_propose = time.perf_counter()
+                proposals = spec.propose(batch)
+                stats.propose_time_s = time.perf_counter() - t_propose
             inp, sampled = self._build_input(batch, proposals)
+            num_tokens = len(inp.token_ids)
             scored = self._ask_prompt_logprobs(inp, batch)
             t1 = time.perf_counter()
             result = self.executor.execute(inp)
             stats.forward_time_s = time.perf_counter() - t1
             stats.model_time_s = result.model_time_s
-            if spec is not None:
-                spec.observe_step(len(inp.token_ids), stats.forward_time_s)
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
             if scored:
@@ -143,6 +146,10 @@ class LLMEngine:
                     outputs.append(self._append_token(seq, token, now, logprobs.get(j), structured.get(j)))
         self._fill_counts(stats)
         stats.step_time_s = time.perf_counter() - t0
+        if spec is not None and batch:
+            # NOTE: the whole step but the proposers' rounds (measured on their own): the engine's own
+            # bookkeeping per token counts as much as the forward's on a small model
+            spec.observe_step(num_tokens, stats)
         return outputs, stats
 
     # ---- helpers ------------------------------------------------------------------------------

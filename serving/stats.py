@@ -29,6 +29,7 @@ class StepStats:
     step_time_s: float = 0.0  # wall time of the whole step
     forward_time_s: float = 0.0  # wall time inside the executor (model forward + sampling + transport)
     model_time_s: float = 0.0  # of it, rank 0's model forward + sampling (no transport)
+    propose_time_s: float = 0.0  # wall time of the speculative proposers' rounds (in step_time_s)
 
 
 @dataclass

@@ -1,16 +1,18 @@
 """How much to speculate: k per sequence from its acceptance, and per step from a measured cost model.
 
-The model of a step (fitted online, `LinearCost`): the target's forward costs a + b * T for T
-tokens in the step, and a proposer's round costs k * (c + d * B) for B sequences proposing k tokens
-each (n-gram lookup: about nothing). A sequence whose proposals are each accepted with probability
-alpha (the chance that the next one is accepted given that the ones before were) emits on average
-E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha) tokens per step when it proposes k.
+The model of a step (fitted online, `LinearCost`): it costs a + b * T + c * K for T tokens of
+which K are proposals (c: what a verified position costs beyond an ordinary token; on a CPU a row
+of several tokens leaves the matrix-vector kernels), and a proposer's round costs k * (d0 + d * B)
+for B sequences proposing k tokens each (n-gram lookup: about nothing). A sequence whose proposals
+are each accepted with probability alpha (the chance that the next one is accepted given that the
+ones before were) emits on average E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)
+tokens per step when it proposes k.
 
 - Per sequence: its j-th proposal is worth proposing while the tokens it is expected to bring,
-  alpha^j, times the time a token costs without speculation, a/B + b, exceed the position's cost, b
-  (verifying) + d (proposing): k_i = the largest such j.
+  alpha^j, times the time a token costs without speculation, a/B + b, exceed the position's cost,
+  b + c (verifying) + d (proposing): k_i = the largest such j.
 - Per step: the cap K over all sequences maximises tokens per second,
-  sum_i E_i(min(K, k_i)) / (a + b * (B + sum_i min(K, k_i)) + cost of the round), against K = 0.
+  sum_i E_i(min(K, k_i)) / (step cost with those proposals + cost of the rounds), against K = 0.
   On a loaded step b * B dominates and K falls to 0: speculation turns itself off.
 """
 
@@ -18,37 +20,44 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 PRIOR_ALPHA = 0.6  # a proposer's acceptance before it has been seen; then its running mean
 DECAY = 0.9  # per observation, for acceptance and the cost fit
 PROBE_EVERY = 16  # steps: while speculation is off, one sequence in this many steps proposes anyway
 
 
 class LinearCost:
-    """y = a + b * x, least squares over exponentially decayed observations (weight DECAY per step back)."""
+    """y = c_0 + c_1 x_1 + ... + c_n x_n, least squares over exponentially decayed observations (weight
+    DECAY per observation back), with a prior of pseudo-observations; coefficients kept >= 0."""
 
-    def __init__(self, a: float, b: float, prior_weight: float = 2.0):
-        # the prior as two pseudo-observations at x = 1 and x = 64
-        self._s = [0.0] * 5  # sum of w, w x, w y, w x^2, w x y
-        for x in (1.0, 64.0):
-            self.observe(x, a + b * x, prior_weight / 2)
+    def __init__(self, *prior: float, prior_weight: float = 2.0):
+        n = len(prior)  # the intercept, then one coefficient per feature
+        self._xtx = np.zeros((n, n))
+        self._xty = np.zeros(n)
+        # the prior: at x = 1 and at x = 64 in each feature alone
+        for j in range(1, n):
+            for x in (1.0, 64.0):
+                point = [1.0] + [x if i == j else 0.0 for i in range(1, n)]
+                self.observe(point[1:], float(np.dot(prior, point)), prior_weight / (2 * (n - 1)))
+        self._coefs = None
 
-    def observe(self, x: float, y: float, weight: float = 1.0) -> None:
-        s = self._s
-        for i, v in enumerate((1.0, x, y, x * x, x * y)):
-            s[i] = s[i] * DECAY + weight * v
+    def observe(self, features, y: float, weight: float = 1.0) -> None:
+        x = np.array([1.0, *features])
+        self._xtx = self._xtx * DECAY + weight * np.outer(x, x)
+        self._xty = self._xty * DECAY + weight * y * x
+        self._coefs = None
 
     @property
-    def coefficients(self) -> tuple[float, float]:
-        w, sx, sy, sxx, sxy = self._s
-        var = w * sxx - sx * sx
-        b = (w * sxy - sx * sy) / var if var > 1e-9 * w * w else 0.0
-        b = max(b, 0.0)
-        a = max((sy - b * sx) / w, 0.0)
-        return a, b
+    def coefficients(self) -> tuple[float, ...]:
+        if self._coefs is None:
+            ridge = 1e-9 * np.trace(self._xtx) * np.eye(len(self._xty))  # NOTE: a feature never varied
+            self._coefs = tuple(float(c) for c in np.maximum(np.linalg.solve(self._xtx + ridge, self._xty), 0.0))
+        return self._coefs
 
-    def __call__(self, x: float) -> float:
-        a, b = self.coefficients
-        return a + b * x
+    def __call__(self, *features: float) -> float:
+        c = self.coefficients
+        return c[0] + sum(ci * x for ci, x in zip(c[1:], features))
 
 
 class Acceptance:
@@ -77,6 +86,29 @@ class Acceptance:
             del self._seq[key]
 
 
+class RealizedCost:
+    """Measured seconds per emitted token of decode-only steps, by batch size (powers of two), without
+    speculation ("off") and with each proposer: the clock's check on the cost model. A proposer that
+    the model likes but that the clock finds slower than off at this batch size is held off there."""
+
+    MIN_WEIGHT = 3.0  # decayed observations of both before the check says anything
+
+    def __init__(self):
+        self._stats: dict[tuple[int, str], list[float]] = {}  # (bucket, mode) -> [seconds, tokens, weight]
+
+    def observe(self, num_seqs: int, mode: str, seconds: float, tokens: int) -> None:
+        stats = self._stats.setdefault((num_seqs.bit_length(), mode), [0.0, 0.0, 0.0])
+        for i, v in enumerate((seconds, tokens, 1.0)):
+            stats[i] = stats[i] * DECAY + v
+
+    def slower(self, num_seqs: int, mode: str) -> bool:
+        bucket = num_seqs.bit_length()
+        mine, off = self._stats.get((bucket, mode)), self._stats.get((bucket, "off"))
+        if mine is None or off is None or min(mine[2], off[2]) < self.MIN_WEIGHT:
+            return False
+        return mine[0] / mine[1] > off[0] / off[1]
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """E(k) = 1 + alpha + ... + alpha^k."""
     return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
@@ -86,18 +118,18 @@ class SpecPolicy:
     def __init__(self, max_k: int, adaptive: bool, step_cost: LinearCost):
         self.max_k = max_k
         self.adaptive = adaptive
-        self.step_cost = step_cost  # seconds of the target's forward for x tokens
+        self.step_cost = step_cost  # seconds of a step for (tokens, of them proposals)
         self.round_cost: dict[str, LinearCost] = {}  # per proposer: seconds per proposal pass for x sequences
         self.acceptance = Acceptance()
 
     def observe_round(self, proposer: str, num_seqs: int, k: int, seconds: float) -> None:
         if k > 0:
-            self._round(proposer).observe(num_seqs, seconds / k)
+            self._round(proposer).observe((num_seqs,), seconds / k)
 
     def _round(self, proposer: str) -> LinearCost:
         cost = self.round_cost.get(proposer)
         if cost is None:  # prior: a pass of a model proposer costs like a target step; n-gram, about nothing
-            a, b = self.step_cost.coefficients
+            a, b, _ = self.step_cost.coefficients
             cost = self.round_cost[proposer] = LinearCost(0.0, 0.0) if proposer == "ngram" else LinearCost(a, b)
         return cost
 
@@ -120,15 +152,15 @@ class SpecPolicy:
     def _plan(self, alphas: list[float], limits: list[int], proposer_of: list[str]) -> list[int]:
         n = len(alphas)
         own = list(limits)
-        a, b = self.step_cost.coefficients
+        a, b, c = self.step_cost.coefficients
         per_token = a / n + b  # a token's cost without speculation at this batch size
         for i, alpha in enumerate(alphas):
-            pos_cost = b + self._round(proposer_of[i]).coefficients[1]
+            pos_cost = b + c + self._round(proposer_of[i]).coefficients[1]
             if alpha <= 0.0 or pos_cost >= per_token:
                 own[i] = 0
             elif alpha < 1.0 and pos_cost > 0.0:
                 own[i] = min(own[i], int(math.log(pos_cost / per_token) / math.log(alpha)))
-        best_k, best_rate = 0, n / max(self.step_cost(n), 1e-9)
+        best_k, best_rate = 0, n / max(self.step_cost(n, 0), 1e-9)
         names = set(proposer_of)
         for cap in range(1, max(own, default=0) + 1):
             ks = [min(cap, k) for k in own]
@@ -136,7 +168,7 @@ class SpecPolicy:
             rounds = sum(max((k for k, p in zip(ks, proposer_of) if p == name), default=0)
                          * self._round(name)(sum(1 for k, p in zip(ks, proposer_of) if p == name and k))
                          for name in names)
-            rate = tokens / max(self.step_cost(n + sum(ks)) + rounds, 1e-9)
+            rate = tokens / max(self.step_cost(n + sum(ks), sum(ks)) + rounds, 1e-9)
             if rate > best_rate:
                 best_k, best_rate = cap, rate
         return [min(best_k, k) for k in own]

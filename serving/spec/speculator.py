@@ -11,7 +11,7 @@ from __future__ import annotations
 from serving.config import SpeculativeConfig
 from serving.scheduler import ScheduledBatch
 from serving.sequence import Sequence
-from serving.spec.policy import PROBE_EVERY, LinearCost, SpecPolicy
+from serving.spec.policy import PROBE_EVERY, LinearCost, RealizedCost, SpecPolicy
 from serving.spec.proposers import Proposer
 from serving.stats import StepStats
 
@@ -32,6 +32,7 @@ class Speculator:
         self.policy = SpecPolicy(config.num_speculative_tokens, config.adaptive, step_cost)
         self.max_model_len = max_model_len
         self._steps = 0
+        self.realized = RealizedCost()
         self._ks: dict[int, int] = {}  # seq id -> k planned for the coming step
         self._who: dict[int, str] = {}  # seq id -> its proposer this step
         self._proposed: dict[int, tuple[int, list[int], object]] = {}  # seq id -> (len before, proposals, q)
@@ -45,6 +46,12 @@ class Speculator:
         self._steps += 1
         probe = (self._steps // PROBE_EVERY) % len(decoding) if decoding and self._steps % PROBE_EVERY == 0 else -1
         ks = self.policy.plan(alphas, limits, who, probe)
+        if self.policy.adaptive:
+            n = len(decoding)
+            if self._steps % PROBE_EVERY == PROBE_EVERY // 2:
+                ks = [0] * n  # a step without speculation now and then: the clock's reference ("off")
+            ks = [0 if k and i != probe and self.realized.slower(n, name) else k
+                  for i, (k, name) in enumerate(zip(ks, who))]
         self._ks = {s.seq_id: k for s, k in zip(decoding, ks) if k > 0}
         self._who = {s.seq_id: name for s, name in zip(decoding, who)}
 
@@ -110,8 +117,14 @@ class Speculator:
                 for seq in seqs:
                     proposer.release(seq)
 
-    def observe_step(self, num_tokens: int, forward_s: float) -> None:
-        self.policy.step_cost.observe(num_tokens, forward_s)
+    def observe_step(self, num_tokens: int, stats: StepStats) -> None:
+        """After a step: its cost without the proposers' rounds for the model, and for the clock's
+        check the whole step's seconds per emitted token when it only decoded."""
+        self.policy.step_cost.observe((num_tokens, stats.num_spec_proposed), stats.step_time_s - stats.propose_time_s)
+        if stats.num_prefill_tokens == 0 and stats.num_seqs:
+            by = stats.spec_by_proposer
+            mode = max(by, key=lambda name: by[name][0]) if by else "off"
+            self.realized.observe(stats.num_seqs, mode, stats.step_time_s, stats.num_seqs + stats.num_spec_accepted)
 
     def release(self, seq: Sequence) -> None:
         for p in self.proposers.values():
@@ -133,7 +146,7 @@ class Speculator:
 
 
 def measure_step_cost(executor, block_size: int, num_blocks: int) -> LinearCost:
-    """The target's forward time against its token count, from a few throwaway steps of decoding-like
+    """The target's forward time against its tokens and proposals, from a few throwaway steps of decoding-like
     rows (1 and 5 tokens each) at 1, 8 and 32 sequences; the prior of the online fit.
 
     NOTE: run before any request: the rows write into free blocks, which nobody reads."""
@@ -143,7 +156,7 @@ def measure_step_cost(executor, block_size: int, num_blocks: int) -> LinearCost:
 
     ctx = min(64, num_blocks * block_size)
     table = list(range(-(-ctx // block_size)))
-    fit = LinearCost(0.0, 0.0, prior_weight=1e-6)
+    fit = LinearCost(0.0, 0.0, 0.0, prior_weight=1e-6)
     for num_seqs in (1, 8, 32):
         for q in (1, 5):
             inp = StepInput(token_ids=[3] * (num_seqs * q), query_lens=[q] * num_seqs, context_lens=[ctx] * num_seqs,
@@ -154,5 +167,5 @@ def measure_step_cost(executor, block_size: int, num_blocks: int) -> LinearCost:
             executor.execute(inp)  # warm-up
             t0 = time.perf_counter()
             executor.execute(inp)
-            fit.observe(num_seqs * q, time.perf_counter() - t0)
+            fit.observe((num_seqs * q, num_seqs * (q - 1)), time.perf_counter() - t0)
     return fit

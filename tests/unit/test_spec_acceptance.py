@@ -119,7 +119,7 @@ def test_ngram_incremental_index_matches_a_brute_force_search():
 
 def test_policy_speculates_when_verifying_is_cheap_and_stops_when_the_batch_is_compute_bound():
     # a step that costs 3 ms plus 0.02 ms per token: batch 1 is all fixed cost
-    cheap = SpecPolicy(max_k=4, adaptive=True, step_cost=LinearCost(3e-3, 2e-5))
+    cheap = SpecPolicy(max_k=4, adaptive=True, step_cost=LinearCost(3e-3, 2e-5, 1e-5))
     cheap.observe_round("ngram", 1, 1, 1e-6)
     assert cheap.plan([0.7], [100], ["ngram"]) == [4]
     # a sequence whose proposals are rarely accepted proposes fewer
@@ -127,19 +127,20 @@ def test_policy_speculates_when_verifying_is_cheap_and_stops_when_the_batch_is_c
     # limits: never more proposals than tokens left
     assert cheap.plan([0.7], [2], ["ngram"]) == [2]
     # 0.5 ms per token: at 128 sequences every extra position costs what a token is worth
-    loaded = SpecPolicy(max_k=4, adaptive=True, step_cost=LinearCost(3e-3, 5e-4))
+    loaded = SpecPolicy(max_k=4, adaptive=True, step_cost=LinearCost(3e-3, 5e-4, 0.0))
     assert loaded.plan([0.7] * 128, [100] * 128, ["ngram"] * 128) == [0] * 128
     # ... but one probe sequence still proposes, so its acceptance keeps being measured
     assert sum(k > 0 for k in loaded.plan([0.7] * 128, [100] * 128, ["ngram"] * 128, probe=5)) == 1
     # not adaptive: always the most
-    fixed = SpecPolicy(max_k=3, adaptive=False, step_cost=LinearCost(3e-3, 5e-4))
+    fixed = SpecPolicy(max_k=3, adaptive=False, step_cost=LinearCost(3e-3, 5e-4, 0.0))
     assert fixed.plan([0.1] * 4, [100] * 4, ["draft"] * 4) == [3] * 4
 
 
 def test_linear_cost_fits_observations():
-    fit = LinearCost(0.0, 0.0, prior_weight=1e-6)
-    for x in (1, 5, 20, 80, 1, 40):
-        fit.observe(x, 0.002 + 0.0001 * x)
-    a, b = fit.coefficients
+    fit = LinearCost(0.0, 0.0, 0.0, prior_weight=1e-6)
+    for x, k in ((1, 0), (5, 4), (20, 0), (80, 16), (1, 0), (40, 8), (10, 2)):
+        fit.observe((x, k), 0.002 + 0.0001 * x + 0.0003 * k)
+    a, b, c = fit.coefficients
     assert a == pytest.approx(0.002, rel=1e-3) and b == pytest.approx(0.0001, rel=1e-3)
+    assert c == pytest.approx(0.0003, rel=1e-3) and fit(10, 2) == pytest.approx(0.0036, rel=1e-3)
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
