@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -117,6 +117,11 @@ class SpeculativeConfig(_Frozen):
     ngram_max: int = Field(default=3, ge=1)  # the longest suffix n-gram looked up, then shorter ones
     ngram_min: int = Field(default=1, ge=1)
     num_cpus_draft: float = Field(default=1.0, gt=0)  # the draft worker's placement-group bundle
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _none_is_none(cls, value):
+        return "none" if value is None else value  # NOTE: `speculative_method=none` arrives as None
 
     @model_validator(mode="after")
     def _check(self):

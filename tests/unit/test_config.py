@@ -96,5 +96,6 @@ def test_speculative_flat_arguments():
     assert (spec.method, spec.num_speculative_tokens, spec.adaptive, spec.early_exit_layers) == ("draft", 4, False, 3)
     assert spec.enabled and spec.uses_draft
     assert not AppConfig.from_flat_args({}).models[0].speculative.enabled
+    assert not AppConfig.from_flat_args({"speculative_method": "none"}).models[0].speculative.enabled
     with pytest.raises(ValueError):
         AppConfig.from_flat_args({"speculative_method": "medusa"})
