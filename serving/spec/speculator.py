@@ -38,7 +38,9 @@ class Speculator:
         self._proposed: dict[int, tuple[int, list[int], object]] = {}  # seq id -> (len before, proposals, q)
 
     def plan(self, running: list[Sequence]) -> None:
-        decoding = [s for s in running if s.num_uncomputed_tokens == 1 and can_speculate(s)]
+        decoding = [s for s in running if s.num_uncomputed_tokens == 1]
+        num_decoding = len(decoding)  # the batch size the clock's check compares at
+        decoding = [s for s in decoding if can_speculate(s)]
         who = [self._pick(s) for s in decoding]
         alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
         # NOTE: k + 1 tokens may be emitted: stay one short of max_tokens and of the context
@@ -47,10 +49,9 @@ class Speculator:
         probe = (self._steps // PROBE_EVERY) % len(decoding) if decoding and self._steps % PROBE_EVERY == 0 else -1
         ks = self.policy.plan(alphas, limits, who, probe)
         if self.policy.adaptive:
-            n = len(decoding)
             if self._steps % PROBE_EVERY == PROBE_EVERY // 2:
-                ks = [0] * n  # a step without speculation now and then: the clock's reference ("off")
-            ks = [0 if k and i != probe and self.realized.slower(n, name) else k
+                ks = [0] * len(ks)  # a step without speculation now and then: the clock's reference ("off")
+            ks = [0 if k and i != probe and self.realized.slower(num_decoding, name) else k
                   for i, (k, name) in enumerate(zip(ks, who))]
         self._ks = {s.seq_id: k for s, k in zip(decoding, ks) if k > 0}
         self._who = {s.seq_id: name for s, name in zip(decoding, who)}

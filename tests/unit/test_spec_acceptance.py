@@ -144,3 +144,21 @@ def test_linear_cost_fits_observations():
     assert a == pytest.approx(0.002, rel=1e-3) and b == pytest.approx(0.0001, rel=1e-3)
     assert c == pytest.approx(0.0003, rel=1e-3) and fit(10, 2) == pytest.approx(0.0036, rel=1e-3)
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_the_clock_holds_off_a_proposer_that_is_slower_than_off_at_a_batch_size():
+    from serving.spec.policy import RealizedCost
+
+    clock = RealizedCost()
+    for _ in range(5):
+        clock.observe(1, "off", 0.0025, 1)  # 2.5 ms per token without speculation at batch 1
+        clock.observe(1, "draft", 0.0060, 2)  # 3 ms per token with the draft
+        clock.observe(1, "ngram", 0.0035, 3)  # 1.2 ms per token with n-gram lookup
+        clock.observe(64, "off", 0.050, 64)
+    assert clock.slower(1, "draft") and not clock.slower(1, "ngram")
+    assert not clock.slower(64, "draft")  # never measured there: no verdict
+    assert not clock.slower(100, "off")
+    fresh = RealizedCost()
+    fresh.observe(1, "off", 0.0025, 1)
+    fresh.observe(1, "draft", 0.0060, 2)
+    assert not fresh.slower(1, "draft")  # too few observations for a verdict
