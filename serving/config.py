@@ -116,7 +116,7 @@ class SpeculativeConfig(_Frozen):
     early_exit_layers: Optional[int] = Field(default=None, ge=1)  # None: the model's config, else 2
     ngram_max: int = Field(default=3, ge=1)  # the longest suffix n-gram looked up, then shorter ones
     ngram_min: int = Field(default=1, ge=1)
-    num_cpus_draft: float = Field(default=1.0, gt=0)  # the draft worker's placement-group bundle
+    num_cpus_draft: float = Field(default=0.5, gt=0)  # the draft worker's bundle (like a rank's: 2 cores fit TP 2 + draft)
 
     @field_validator("method", mode="before")
     @classmethod
