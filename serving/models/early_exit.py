@@ -1,14 +1,15 @@
 """Measure the target's early exits as a speculative proposer.
 
     python -m serving.models.early_exit                      # the shipped target
-    python -m serving.models.early_exit --model /tmp/ee/target
+    python -m serving.models.early_exit --model /tmp/ee/target --draft /tmp/ee/draft
 
 An exit at E runs the embedding, the first E decoder layers, then the model's own final norm and
 LM head. It is run the way the serving code will run it: `config.num_hidden_layers = E` for one
 forward (`LlamaModel.forward` loops over `layers[: config.num_hidden_layers]`). Prints JSON: the
 argmax agreement of each exit with the full model on held-out windows, the tokens per verifying
 step that agreement predicts, the tokens per verifying step of simulated greedy speculation on chat
-prompts, and the cost of one cached decode step per exit.
+prompts, and the cost of one cached decode step per exit; with `--draft`, the same simulation and
+decode-step cost with that draft model as the proposer.
 """
 
 from __future__ import annotations
@@ -70,24 +71,34 @@ def _argmax_last(model, ids: list[int], n: int) -> list[int]:
     return model(input_ids=torch.tensor([ids])).logits[0, -n:].argmax(-1).tolist()
 
 
-@torch.no_grad()
-def simulate_speculation(model, prompts: list[list[int]], exit_layers: int, k: int,
-                         max_new_tokens: int, eos_id: int) -> tuple[float, list[list[int]]]:
-    """Greedy early-exit speculation with uncached forwards (a measurement, not an engine).
+def greedy_proposer(model, num_layers: int | None = None):
+    """`propose(ids, k)`: k greedy tokens after `ids` from `model`'s first `num_layers` layers (all
+    of them by default), one uncached forward each."""
+    def propose(ids: list[int], k: int) -> list[int]:
+        proposals: list[int] = []
+        with exit_at(model, num_layers or model.config.num_hidden_layers):
+            for _ in range(k):
+                proposals += _argmax_last(model, ids + proposals, 1)
+        return proposals
+    return propose
 
-    Each verifying step proposes k tokens, one exit forward each, then runs one full forward over
-    the prompt, the tokens so far and the proposals, and keeps what `accept_greedy` keeps (cut at
-    eos and at `max_new_tokens`). Returns the mean tokens emitted per verifying step over all
-    prompts, and each prompt's emitted tokens (the full model's greedy output, by construction).
+
+@torch.no_grad()
+def simulate_speculation(model, propose, prompts: list[list[int]], k: int, max_new_tokens: int,
+                         eos_id: int) -> tuple[float, list[list[int]]]:
+    """Greedy speculation with uncached forwards (a measurement, not an engine).
+
+    Each verifying step takes k proposals from `propose` (an early exit of `model` or a draft, see
+    `greedy_proposer`), then runs one full forward of `model` over the prompt, the tokens so far
+    and the proposals, and keeps what `accept_greedy` keeps (cut at eos and at `max_new_tokens`).
+    Returns the mean tokens emitted per verifying step over all prompts, and each prompt's emitted
+    tokens (the full model's greedy output, by construction).
     """
     num_tokens, num_steps, outputs = 0, 0, []
     for prompt in prompts:
         out: list[int] = []
         while len(out) < max_new_tokens and eos_id not in out:
-            proposals: list[int] = []
-            with exit_at(model, exit_layers):
-                for _ in range(k):
-                    proposals += _argmax_last(model, prompt + out + proposals, 1)
+            proposals = propose(prompt + out, k)
             emitted = accept_greedy(_argmax_last(model, prompt + out + proposals, k + 1), proposals)
             if eos_id in emitted:
                 emitted = emitted[: emitted.index(eos_id) + 1]
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=EMBEDDED_TARGET)
+    parser.add_argument("--draft", type=Path, help="also simulate this draft as the proposer")
     parser.add_argument("--windows", type=int, default=64, help="held-out 512-token windows")
     parser.add_argument("--k", type=int, default=4, help="proposals per verifying step")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -161,13 +173,21 @@ def main(argv: list[str] | None = None) -> int:
                for p in CHAT_PROMPTS]
     report["simulated_tokens_per_step"] = {}
     for e in exits:
-        mean, outputs = simulate_speculation(model, prompts, e, args.k, args.max_new_tokens,
-                                             tokenizer.eos_token_id)
+        mean, outputs = simulate_speculation(model, greedy_proposer(model, e), prompts, args.k,
+                                             args.max_new_tokens, tokenizer.eos_token_id)
         report["simulated_tokens_per_step"][e] = mean
     report["samples"] = {p: tokenizer.decode(o, skip_special_tokens=True)
                          for p, o in zip(CHAT_PROMPTS, outputs)}
     report["simulation_s"] = time.time() - t0
     report["decode_step_ms"] = decode_step_ms(model, prompts[0], exits + [len(model.model.layers)])
+    if args.draft is not None:
+        draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
+        report["draft"] = str(args.draft)
+        report["draft_simulated_tokens_per_step"], _ = simulate_speculation(
+            model, greedy_proposer(draft), prompts, args.k, args.max_new_tokens,
+            tokenizer.eos_token_id)
+        report["draft_decode_step_ms"] = decode_step_ms(draft, prompts[0],
+                                                        [draft.config.num_hidden_layers])
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,12 +1,16 @@
 """Train the embedded default model: tokenizer, target and draft, on a 2-core CPU.
 
-    python -m serving.models.train              # train all three, save, evaluate
+    python -m serving.models.train --early-exit-layers 2  # the shipped folders; then evaluate
     python -m serving.models.train --eval-only  # evaluate the saved folders, print the card numbers
+    python -m serving.models.train --from DIR --out OUT   # a fresh draft for DIR/target
 
 Writes Hugging Face folders to serving/models/embedded/{target,draft}. Seeded: the same seed,
-thread count and library versions give the same weights. The draft is distilled from the target's
-logits so that its greedy choice agrees with the target's, which is what speculative decoding needs.
-The measured wall time is in embedded/README.md.
+thread count and library versions give the same weights. The pipeline trains the tokenizer and the
+target (or, with `--from`, takes a saved target); with `--early-exit-layers E` it fine-tunes the
+target so that its first E layers, followed by its own final norm and LM head, make a good
+speculative proposer (`serving/models/early_exit.py` measures it); last, it distills the draft from
+that final target's logits, so that the draft's greedy choice agrees with the target's, which is
+what speculative decoding needs. The measured wall times are in embedded/README.md.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from serving.models import EMBEDDED_DIR
 from serving.models.corpus import (SOURCES, Corpus, CorpusMissing, build_corpus,
@@ -46,7 +50,8 @@ SAMPLE_PROMPTS = ["What does \"light\" mean?", "Tell me a verse about mercy.", "
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Sizes and schedules of the shipped model (embedded/README.md has the measured time)."""
+    """Sizes and schedules of the shipped model (embedded/README.md has the measured time), and of
+    the early-exit fine-tuning."""
 
     seed: int = 0
     vocab_size: int = 4096
@@ -58,6 +63,9 @@ class TrainConfig:
     draft_lr: float = 3e-3
     warmup_steps: int = 40
     max_eval_tokens: int = 131072
+    early_exit_steps: int = 300
+    early_exit_lr: float = 1e-3
+    early_exit_weight: float = 1.0
 
 
 def model_configs(vocab_size: int, seq_len: int) -> dict[str, LlamaConfig]:
@@ -153,6 +161,20 @@ def _distill_loss(teacher):
     return loss_fn
 
 
+def _early_exit_loss(exit_layers: int, weight: float):
+    def loss_fn(model, batch):
+        out = model(input_ids=batch[:, :-1], output_hidden_states=True)
+        # NOTE: hidden_states[0] is the embedding output and hidden_states[E] the residual stream
+        # after layer E, before the final norm (only the last entry is normed), so this is exactly
+        # the exit that `config.num_hidden_layers = E` runs.
+        exit_logits = model.lm_head(model.model.norm(out.hidden_states[exit_layers]))
+        labels = batch[:, 1:].flatten()
+        full = F.cross_entropy(out.logits.float().flatten(0, 1), labels)
+        early = F.cross_entropy(exit_logits.float().flatten(0, 1), labels)
+        return full + weight * early
+    return loss_fn
+
+
 def save(model, tokenizer, folder: Path) -> None:
     """A Hugging Face folder: float32 safetensors, config, generation config, tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,26 +184,28 @@ def save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder, save_jinja_files=False)
 
 
-def train_all(corpus: Corpus, cfg: TrainConfig, out: Path) -> dict[str, float]:
-    """Train tokenizer, target and draft; save both folders; return wall seconds per phase."""
+def train_all(corpus: Corpus, cfg: TrainConfig, out: Path, source: Path | None = None,
+              exit_layers: int | None = None) -> dict[str, float]:
+    """The pipeline: tokenizer and target (or `source`'s target), an early-exit fine-tune of the
+    target if `exit_layers` is given, then a draft distilled from that final target. Saves
+    out/{target,draft}; returns wall seconds per phase."""
     timings, t0 = {}, time.time()
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.seq_len)
+    if source is None:
+        timings |= pretrain_target(corpus, cfg, out)
+        source = out
+    # NOTE: the later phases always start from the saved folder, so that one run of the pipeline
+    # and a run `--from` a saved folder give the same bits.
+    tokenizer = AutoTokenizer.from_pretrained(source / "target")
     stream = encode(tokenizer, corpus.train)
-    timings["tokenizer_s"] = time.time() - t0
-    print(f"tokenizer: {len(tokenizer)} tokens; training stream {len(stream)} tokens", flush=True)
-
-    configs = model_configs(len(tokenizer), cfg.seq_len)
-    torch.manual_seed(cfg.seed)
-    target = LlamaForCausalLM(configs["target"])
-    t1 = time.time()
-    # NOTE: the two phases draw different windows; seed + 6 and seed + 5 are the offsets the
-    # shipped weights were trained with.
-    _train(target, stream, cfg, cfg.target_steps, cfg.target_lr, _lm_loss, "target", cfg.seed + 6)
-    timings["target_s"] = time.time() - t1
+    target = AutoModelForCausalLM.from_pretrained(source / "target", dtype=torch.float32).eval()
+    if exit_layers is not None:
+        t1 = time.time()
+        finetune_early_exit(target, stream, cfg, exit_layers)
+        timings["early_exit_s"] = time.time() - t1
     save(target, tokenizer, out / "target")
 
     torch.manual_seed(cfg.seed + 1)
-    draft = LlamaForCausalLM(configs["draft"])
+    draft = LlamaForCausalLM(model_configs(len(tokenizer), cfg.seq_len)["draft"])
     t2 = time.time()
     _train(draft, stream, cfg, cfg.draft_steps, cfg.draft_lr, _distill_loss(target), "draft",
            cfg.seed + 5)
@@ -189,6 +213,32 @@ def train_all(corpus: Corpus, cfg: TrainConfig, out: Path) -> dict[str, float]:
     save(draft, tokenizer, out / "draft")
     timings["total_s"] = time.time() - t0
     return timings
+
+
+def pretrain_target(corpus: Corpus, cfg: TrainConfig, out: Path) -> dict[str, float]:
+    """Train the tokenizer and the target from scratch; save out/target; return wall seconds."""
+    t0 = time.time()
+    tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.seq_len)
+    stream = encode(tokenizer, corpus.train)
+    timings = {"tokenizer_s": time.time() - t0}
+    print(f"tokenizer: {len(tokenizer)} tokens; training stream {len(stream)} tokens", flush=True)
+    torch.manual_seed(cfg.seed)
+    target = LlamaForCausalLM(model_configs(len(tokenizer), cfg.seq_len)["target"])
+    t1 = time.time()
+    # NOTE: each phase draws its own windows; seed + 6 (target), + 7 (early exit) and + 5 (draft)
+    # are the offsets the shipped weights were trained with.
+    _train(target, stream, cfg, cfg.target_steps, cfg.target_lr, _lm_loss, "target", cfg.seed + 6)
+    timings["target_s"] = time.time() - t1
+    save(target, tokenizer, out / "target")
+    return timings
+
+
+def finetune_early_exit(target, stream: torch.Tensor, cfg: TrainConfig, exit_layers: int) -> None:
+    """Fine-tune `target` in place on CE(full) + weight * CE(exit after `exit_layers` layers), the
+    exit sharing the final norm and LM head; records `early_exit_layers` in its config."""
+    target.config.early_exit_layers = exit_layers
+    _train(target, stream, cfg, cfg.early_exit_steps, cfg.early_exit_lr,
+           _early_exit_loss(exit_layers, cfg.early_exit_weight), "early-exit", cfg.seed + 7)
 
 
 def unigram_nll(train_stream: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> float:
@@ -259,9 +309,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (changes the bits)")
     parser.add_argument("--target-steps", type=int, default=TrainConfig.target_steps)
     parser.add_argument("--draft-steps", type=int, default=TrainConfig.draft_steps)
+    parser.add_argument("--from", dest="source", type=Path,
+                        help="start from this folder's target/ instead of training one")
+    parser.add_argument("--early-exit-layers", type=int,
+                        help="fine-tune the target for an exit after this many layers")
+    parser.add_argument("--early-exit-steps", type=int, default=TrainConfig.early_exit_steps)
+    parser.add_argument("--early-exit-lr", type=float, default=TrainConfig.early_exit_lr)
+    parser.add_argument("--early-exit-weight", type=float, default=TrainConfig.early_exit_weight,
+                        help="weight of the exit's cross-entropy against the full model's")
     args = parser.parse_args(argv)
+    if args.source is not None and not (args.source / "target" / "config.json").is_file():
+        parser.error(f"--from {args.source} has no target/config.json")
+    if args.source is not None and args.out.resolve() == args.source.resolve():
+        parser.error("--out must differ from --from")
+    if args.early_exit_layers is not None:
+        num_layers = (AutoConfig.from_pretrained(args.source / "target").num_hidden_layers
+                      if args.source is not None
+                      else model_configs(TrainConfig.vocab_size, 1)["target"].num_hidden_layers)
+        if not 1 <= args.early_exit_layers < num_layers:
+            parser.error(f"--early-exit-layers must be from 1 to {num_layers - 1}")
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed, target_steps=args.target_steps, draft_steps=args.draft_steps)
+    cfg = TrainConfig(seed=args.seed, target_steps=args.target_steps, draft_steps=args.draft_steps,
+                      early_exit_steps=args.early_exit_steps, early_exit_lr=args.early_exit_lr,
+                      early_exit_weight=args.early_exit_weight)
     try:
         corpus = build_corpus(cfg.seed)
     except CorpusMissing as err:
@@ -272,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {}
     if not args.eval_only:
-        report["timings"] = train_all(corpus, cfg, args.out)
+        report["timings"] = train_all(corpus, cfg, args.out, args.source, args.early_exit_layers)
     t0 = time.time()
     report.update(evaluate(corpus, cfg, args.out))
     report["eval_s"] = time.time() - t0
