@@ -19,45 +19,70 @@ tokens per step when it proposes k.
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from typing import Optional
 
 PRIOR_ALPHA = 0.6  # a proposer's acceptance before it has been seen; then its running mean
 DECAY = 0.9  # per observation, for acceptance and the cost fit
 PROBE_EVERY = 16  # steps: while speculation is off, one sequence in this many steps proposes anyway
+MAX_PROBE_EVERY = 512  # ... backing off to this while the clock keeps finding it slower
 
 
 class LinearCost:
     """y = c_0 + c_1 x_1 + ... + c_n x_n, least squares over exponentially decayed observations (weight
-    DECAY per observation back), with a prior of pseudo-observations; coefficients kept >= 0."""
+    DECAY per observation back), with a prior of pseudo-observations; coefficients kept >= 0.
+
+    NOTE: plain Python floats: with two features an observation and a solve cost a few microseconds,
+    numpy's calls ten times that, on every step."""
 
     def __init__(self, *prior: float, prior_weight: float = 2.0):
         n = len(prior)  # the intercept, then one coefficient per feature
-        self._xtx = np.zeros((n, n))
-        self._xty = np.zeros(n)
+        self._xtx = [[0.0] * n for _ in range(n)]
+        self._xty = [0.0] * n
+        self._coefs: Optional[tuple[float, ...]] = None
         # the prior: at x = 1 and at x = 64 in each feature alone
         for j in range(1, n):
             for x in (1.0, 64.0):
-                point = [1.0] + [x if i == j else 0.0 for i in range(1, n)]
-                self.observe(point[1:], float(np.dot(prior, point)), prior_weight / (2 * (n - 1)))
-        self._coefs = None
+                point = [x if i == j else 0.0 for i in range(1, n)]
+                self.observe(point, prior[0] + prior[j] * x, prior_weight / (2 * (n - 1)))
 
     def observe(self, features, y: float, weight: float = 1.0) -> None:
-        x = np.array([1.0, *features])
-        self._xtx = self._xtx * DECAY + weight * np.outer(x, x)
-        self._xty = self._xty * DECAY + weight * y * x
+        x = (1.0, *features)
+        for r, row in enumerate(self._xtx):
+            for c in range(len(x)):
+                row[c] = row[c] * DECAY + weight * x[r] * x[c]
+            self._xty[r] = self._xty[r] * DECAY + weight * y * x[r]
         self._coefs = None
 
     @property
     def coefficients(self) -> tuple[float, ...]:
         if self._coefs is None:
-            ridge = 1e-9 * np.trace(self._xtx) * np.eye(len(self._xty))  # NOTE: a feature never varied
-            self._coefs = tuple(float(c) for c in np.maximum(np.linalg.solve(self._xtx + ridge, self._xty), 0.0))
+            self._coefs = tuple(max(c, 0.0) for c in _solve(self._xtx, self._xty))
         return self._coefs
 
     def __call__(self, *features: float) -> float:
         c = self.coefficients
         return c[0] + sum(ci * x for ci, x in zip(c[1:], features))
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """a x = b by Gaussian elimination with partial pivoting; a feature that never varied (a zero
+    pivot) gets coefficient 0."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    scale = max(abs(m[i][i]) for i in range(n)) or 1.0
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) <= 1e-12 * scale:
+            for r in range(n):
+                m[r][col] = 0.0
+            m[col][col], m[col][n] = 1.0, 0.0
+            continue
+        for r in range(n):
+            if r != col and m[r][col]:
+                f = m[r][col] / m[col][col]
+                m[r] = [v - f * p for v, p in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 class Acceptance:
@@ -161,14 +186,17 @@ class SpecPolicy:
             elif alpha < 1.0 and pos_cost > 0.0:
                 own[i] = min(own[i], int(math.log(pos_cost / per_token) / math.log(alpha)))
         best_k, best_rate = 0, n / max(self.step_cost(n, 0), 1e-9)
-        names = set(proposer_of)
+        rounds_of = {name: self._round(name) for name in set(proposer_of)}
         for cap in range(1, max(own, default=0) + 1):
             ks = [min(cap, k) for k in own]
-            tokens = sum(expected_tokens(al, k) for al, k in zip(alphas, ks))
-            rounds = sum(max((k for k, p in zip(ks, proposer_of) if p == name), default=0)
-                         * self._round(name)(sum(1 for k, p in zip(ks, proposer_of) if p == name and k))
-                         for name in names)
-            rate = tokens / max(self.step_cost(n + sum(ks), sum(ks)) + rounds, 1e-9)
-            if rate > best_rate:
-                best_k, best_rate = cap, rate
+            num_proposals = sum(ks)
+            seconds = self.step_cost(n + num_proposals, num_proposals)
+            for name, round_cost in rounds_of.items():
+                mine = [k for k, p in zip(ks, proposer_of) if k and p == name]
+                if mine:
+                    seconds += max(mine) * round_cost(len(mine))
+            rate = sum(map(expected_tokens, alphas, ks)) / max(seconds, 1e-9)
+            if rate <= best_rate:
+                break  # NOTE: the rate rises then falls with the cap: past its peak it only falls
+            best_k, best_rate = cap, rate
         return [min(best_k, k) for k in own]

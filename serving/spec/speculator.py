@@ -11,7 +11,7 @@ from __future__ import annotations
 from serving.config import SpeculativeConfig
 from serving.scheduler import ScheduledBatch
 from serving.sequence import Sequence
-from serving.spec.policy import PROBE_EVERY, LinearCost, RealizedCost, SpecPolicy
+from serving.spec.policy import MAX_PROBE_EVERY, PROBE_EVERY, LinearCost, RealizedCost, SpecPolicy
 from serving.spec.proposers import Proposer
 from serving.stats import StepStats
 
@@ -32,6 +32,9 @@ class Speculator:
         self.policy = SpecPolicy(config.num_speculative_tokens, config.adaptive, step_cost)
         self.max_model_len = max_model_len
         self._steps = 0
+        self._num_decoding = 0
+        self._probe_every = PROBE_EVERY  # steps between probes (plan's `probe`)
+        self._next_probe = PROBE_EVERY
         self.realized = RealizedCost()
         self._ks: dict[int, int] = {}  # seq id -> k planned for the coming step
         self._who: dict[int, str] = {}  # seq id -> its proposer this step
@@ -39,14 +42,21 @@ class Speculator:
 
     def plan(self, running: list[Sequence]) -> None:
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
-        num_decoding = len(decoding)  # the batch size the clock's check compares at
+        num_decoding = self._num_decoding = len(decoding)  # the batch size the clock's check compares at
         decoding = [s for s in decoding if can_speculate(s)]
         who = [self._pick(s) for s in decoding]
         alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
         # NOTE: k + 1 tokens may be emitted: stay one short of max_tokens and of the context
         limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - len(s)) - 1 for s in decoding]
         self._steps += 1
-        probe = (self._steps // PROBE_EVERY) % len(decoding) if decoding and self._steps % PROBE_EVERY == 0 else -1
+        probe = -1
+        if decoding and self._steps >= self._next_probe:
+            probe = self._steps % len(decoding)
+            # NOTE: back off while the clock keeps finding the probed proposer slower: a probe costs a
+            # whole round (and the draft's catching up) at batch 1
+            slower = self.realized.slower(num_decoding, who[probe])
+            self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY) if slower else PROBE_EVERY
+            self._next_probe = self._steps + self._probe_every
         ks = self.policy.plan(alphas, limits, who, probe)
         if self.policy.adaptive:
             if self._steps % PROBE_EVERY == PROBE_EVERY // 2:
@@ -57,11 +67,12 @@ class Speculator:
         self._who = {s.seq_id: name for s, name in zip(decoding, who)}
 
     def _pick(self, seq: Sequence) -> str:
+        """auto: n-gram lookup (free) unless the draft has been accepting clearly more for this sequence;
+        a sequence the lookup finds nothing for asks the draft in the same step (`propose`)."""
         if not self.auto:
             return next(iter(self.proposers))
-        # auto: n-gram when it has been accepting at least as well as the draft for this sequence
         acc = self.policy.acceptance
-        return max(self.proposers, key=lambda name: (acc.alpha(seq.seq_id, name), name == "ngram"))
+        return "draft" if acc.alpha(seq.seq_id, "draft") > acc.alpha(seq.seq_id, "ngram") + 0.2 else "ngram"
 
     def lookahead(self, seq: Sequence) -> int:
         return self._ks.get(seq.seq_id, 0)
@@ -72,18 +83,29 @@ class Speculator:
         for (seq, _), k in zip(batch.entries, batch.lookahead):
             if k:
                 groups.setdefault(self._who[seq.seq_id], []).append((seq, k))
-        out = {}
+        out: dict[int, tuple[list[int], object]] = {}
+        empty = self._ask("ngram", groups.pop("ngram", []), out)
+        if self.auto and empty and not self.realized.slower(self._num_decoding, "draft"):
+            groups.setdefault("draft", []).extend(empty)  # auto: what the lookup found nothing for
         for name, rows in groups.items():
-            seqs, ks = [s for s, _ in rows], [k for _, k in rows]
-            result = self.proposers[name].propose(seqs, ks)
-            self.policy.observe_round(name, len(seqs), max(ks), result.time_s)
-            for seq, tokens, q in zip(seqs, result.tokens, result.probs):
-                if self.auto and not tokens and name == "ngram" and "draft" in self.proposers:
-                    self.policy.acceptance.observe(seq.seq_id, name, 1, 0)  # no match: try the draft next time
-                if tokens:
-                    out[seq.seq_id] = (tokens, q)
-                    self._proposed[seq.seq_id] = (len(seq), tokens, name)
+            self._ask(name, rows, out)
         return out
+
+    def _ask(self, name: str, rows: list[tuple[Sequence, int]], out: dict) -> list[tuple[Sequence, int]]:
+        """One proposer's round for its rows, into `out`; returns the rows it proposed nothing for."""
+        if not rows:
+            return []
+        seqs, ks = [s for s, _ in rows], [k for _, k in rows]
+        result = self.proposers[name].propose(seqs, ks)
+        self.policy.observe_round(name, len(seqs), max(ks), result.time_s)
+        empty = []
+        for (seq, k), tokens, q in zip(rows, result.tokens, result.probs):
+            if tokens:
+                out[seq.seq_id] = (tokens, q)
+                self._proposed[seq.seq_id] = (len(seq), tokens, name)
+            else:
+                empty.append((seq, k))
+        return empty
 
     def verified(self, seq: Sequence, emitted: list[int], stats: StepStats) -> None:
         """The target emitted `emitted` after `seq`'s proposals: all accepted ones, then its own token."""
