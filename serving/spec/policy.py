@@ -113,8 +113,9 @@ class Acceptance:
 
 class RealizedCost:
     """Measured seconds per emitted token of decode-only steps, by batch size (powers of two), without
-    speculation ("off") and with each proposer: the clock's check on the cost model. A proposer that
-    the model likes but that the clock finds slower than off at this batch size is held off there."""
+    speculation ("off") and with it (the method: one proposer, or auto's pair): the clock's check on
+    the cost model. Speculation that the model likes but that the clock finds slower than off at this
+    batch size is held off there."""
 
     MIN_WEIGHT = 3.0  # decayed observations of both before the check says anything
 
