@@ -113,7 +113,7 @@ class Acceptance:
 
 class RealizedCost:
     """Measured seconds per emitted token of decode-only steps, by batch size (powers of two), without
-    speculation ("off") and with it (the method: one proposer, or auto's pair): the clock's check on
+    speculation ("off") and with each proposer (a step with a draft round counts as the draft's): the clock's check on
     the cost model. Speculation that the model likes but that the clock finds slower than off at this
     batch size is held off there."""
 

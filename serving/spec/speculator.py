@@ -28,11 +28,14 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, proposers: list[Proposer], step_cost: LinearCost,
                  max_model_len: int):
         self.proposers = {p.name: p for p in proposers}
-        self.method = config.method
         self.auto = config.method == "auto"
+        # what the clock judges for the veto: the one proposer, or auto's n-gram lookup (the draft
+        # fallback is judged on its own, in `propose`)
+        self.primary = "ngram" if self.auto else config.method
         self.policy = SpecPolicy(config.num_speculative_tokens, config.adaptive, step_cost)
         self.max_model_len = max_model_len
         self._steps = 0
+        self._num_decoding = 0
         self._probe_every = PROBE_EVERY  # steps between probes (plan's `probe`)
         self._next_probe = PROBE_EVERY
         self.realized = RealizedCost()
@@ -42,7 +45,7 @@ class Speculator:
 
     def plan(self, running: list[Sequence]) -> None:
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
-        num_decoding = len(decoding)  # the batch size the clock's check compares at
+        num_decoding = self._num_decoding = len(decoding)  # the batch size the clock's check compares at
         decoding = [s for s in decoding if can_speculate(s)]
         who = [self._pick(s) for s in decoding]
         alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
@@ -54,14 +57,14 @@ class Speculator:
             probe = self._steps % len(decoding)
             # NOTE: back off while the clock keeps finding the probed proposer slower: a probe costs a
             # whole round (and the draft's catching up) at batch 1
-            slower = self.realized.slower(num_decoding, self.method)
+            slower = self.realized.slower(num_decoding, self.primary)
             self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY) if slower else PROBE_EVERY
             self._next_probe = self._steps + self._probe_every
         ks = self.policy.plan(alphas, limits, who, probe)
         if self.policy.adaptive:
             if self._steps % PROBE_EVERY == PROBE_EVERY // 2:
                 ks = [0] * len(ks)  # a step without speculation now and then: the clock's reference ("off")
-            if self.realized.slower(num_decoding, self.method):
+            if self.realized.slower(num_decoding, self.primary):
                 ks = [k if i == probe else 0 for i, k in enumerate(ks)]
         self._ks = {s.seq_id: k for s, k in zip(decoding, ks) if k > 0}
         self._who = {s.seq_id: name for s, name in zip(decoding, who)}
@@ -85,7 +88,8 @@ class Speculator:
                 groups.setdefault(self._who[seq.seq_id], []).append((seq, k))
         out: dict[int, tuple[list[int], object]] = {}
         empty = self._ask("ngram", groups.pop("ngram", []), out)
-        if self.auto and empty:
+        probing = self._steps % self._probe_every == 0
+        if self.auto and empty and (probing or not self.realized.slower(self._num_decoding, "draft")):
             groups.setdefault("draft", []).extend(empty)  # auto: what the lookup found nothing for
         for name, rows in groups.items():
             self._ask(name, rows, out)
@@ -145,7 +149,8 @@ class Speculator:
         check the whole step's seconds per emitted token when it only decoded."""
         self.policy.step_cost.observe((num_tokens, stats.num_spec_proposed), stats.step_time_s - stats.propose_time_s)
         if stats.num_prefill_tokens == 0 and stats.num_seqs:
-            mode = self.method if stats.num_spec_proposed else "off"
+            by = stats.spec_by_proposer
+            mode = "off" if not by else "draft" if "draft" in by else next(iter(by))  # NOTE: a draft round dominates
             self.realized.observe(stats.num_seqs, mode, stats.step_time_s, stats.num_seqs + stats.num_spec_accepted)
 
     def release(self, seq: Sequence) -> None:
