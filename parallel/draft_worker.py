@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import secrets
-import tempfile
-import threading
 from multiprocessing.connection import Client, Listener
 from typing import Optional
 
@@ -26,7 +23,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from parallel.engine_process import where
-from serving.engine_core import hang_up
+from serving.engine_core import hang_up, listen_unix
 from serving.spec.draft import DraftRequest, DraftResult
 
 START_TIMEOUT_S = 300.0  # the draft's load
@@ -54,11 +51,7 @@ class DraftWorker:
 
     def listen(self) -> tuple[str, bytes]:
         """A socket the engine connects to (one connection at a time); returns (address, authkey)."""
-        authkey = secrets.token_bytes(32)
-        address = os.path.join(tempfile.mkdtemp(prefix="draft-"), "draft.sock")
-        listener = Listener(address, family="AF_UNIX", authkey=authkey)
-        threading.Thread(target=self._serve, args=(listener,), name="draft-server", daemon=True).start()
-        return address, authkey
+        return listen_unix("draft", self._serve, "draft-server")
 
     def _serve(self, listener: Listener) -> None:
         with listener:

@@ -11,9 +11,6 @@ The actor is owned by the replica and dies with it.
 from __future__ import annotations
 
 import os
-import secrets
-import tempfile
-import threading
 from multiprocessing.connection import Client, Listener
 from typing import Optional
 
@@ -22,7 +19,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from serving.config import LLMConfig
-from serving.engine_core import CoreServer, EngineCoreClient
+from serving.engine_core import CoreServer, EngineCoreClient, listen_unix
 
 START_TIMEOUT_S = 900.0  # model load (and, for TP > 1, the other ranks' placement and load)
 
@@ -45,11 +42,7 @@ class EngineProcess:
 
     def listen(self) -> tuple[str, bytes]:
         """A socket for one client; the engine steps for it until it hangs up."""
-        authkey = secrets.token_bytes(32)
-        address = os.path.join(tempfile.mkdtemp(prefix="engine-"), "core.sock")
-        listener = Listener(address, family="AF_UNIX", authkey=authkey)
-        threading.Thread(target=self._serve, args=(listener,), name="engine-core-server", daemon=True).start()
-        return address, authkey
+        return listen_unix("engine", self._serve, "engine-core-server")
 
     def _serve(self, listener: Listener) -> None:
         with listener:

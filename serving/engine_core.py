@@ -219,6 +219,20 @@ class _ConnectionSink:
         _send(self.conn, self.lock, ("failed", error))
 
 
+def listen_unix(prefix: str, serve, thread_name: str) -> tuple[str, bytes]:
+    """An authenticated AF_UNIX listener in a fresh temporary folder (on this node), served by
+    `serve(listener)` in a daemon thread; returns (address, authkey) for the client."""
+    import secrets
+    import tempfile
+    from multiprocessing.connection import Listener
+
+    authkey = secrets.token_bytes(32)
+    address = os.path.join(tempfile.mkdtemp(prefix=f"{prefix}-"), f"{prefix}.sock")
+    listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    threading.Thread(target=serve, args=(listener,), name=thread_name, daemon=True).start()
+    return address, authkey
+
+
 def hang_up(conn) -> None:
     """Closes a connection so that the other end sees it at once. NOTE: a plain close() does not
     end a recv() blocked in another thread of this process, nor send the other end an EOF while
