@@ -60,14 +60,14 @@ def build_engine(config: LLMConfig, device: Optional[str] = None) -> LLMEngine:
     num_blocks = num_kv_blocks_for(config, info)
     executor = build_executor(config, info, num_blocks, device)
     try:
-        speculator = build_speculator(config, info, executor, num_blocks, device)
+        speculator = build_speculator(config, info, executor, num_blocks)
     except BaseException:
         executor.shutdown()
         raise
     return LLMEngine(config, info, load_tokenizer(info.path), executor, num_blocks, speculator)
 
 
-def build_speculator(config: LLMConfig, info: ModelInfo, executor: Executor, num_blocks: int, device: str):
+def build_speculator(config: LLMConfig, info: ModelInfo, executor: Executor, num_blocks: int):
     """The speculative decoder of `config.speculative` (None for method "none"): its proposers (the
     draft worker started here, in the last bundle of this process's placement group if it has one)
     and the step cost model measured on `executor`."""
@@ -86,7 +86,7 @@ def build_speculator(config: LLMConfig, info: ModelInfo, executor: Executor, num
     if spec.uses_draft:
         from parallel.draft_worker import DraftWorkerHandle
 
-        proposers.append(DraftProposer(DraftWorkerHandle.start(config, num_blocks, device)))
+        proposers.append(DraftProposer(DraftWorkerHandle.start(config, num_blocks)))
     speculator = Speculator(spec, proposers, measure_step_cost(executor, block_size, num_blocks), info.max_model_len)
     speculator.measure_proposers(block_size, num_blocks)
     return speculator
@@ -95,13 +95,7 @@ def build_speculator(config: LLMConfig, info: ModelInfo, executor: Executor, num
 def early_exit_layers(config: LLMConfig, info: ModelInfo) -> int:
     """The configured exit, else the one the model was trained with (`early_exit_layers` in its
     config.json), else 2 (of the shipped target's 6)."""
-    layers = config.speculative.early_exit_layers
-    if layers is None:
-        import json
-        import os
-
-        with open(os.path.join(info.path, "config.json")) as f:
-            layers = json.load(f).get("early_exit_layers", 2)
+    layers = config.speculative.early_exit_layers or info.early_exit_layers or 2
     if not 0 < layers < info.num_layers:
         raise ValueError(f"speculative.early_exit_layers must be between 1 and {info.num_layers - 1} "
                          f"for this model ({info.num_layers} layers); got {layers}")

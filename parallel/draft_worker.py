@@ -163,7 +163,7 @@ class DraftWorkerHandle:
         self.client = client
 
     @classmethod
-    def start(cls, config, num_kv_blocks: int, device: str) -> "DraftWorkerHandle":
+    def start(cls, config, num_kv_blocks: int) -> "DraftWorkerHandle":
         """In the last bundle of this process's placement group when it has one beyond the ranks'
         (deployments/llm_server.py adds it), else on this node."""
         from ray.util.placement_group import get_current_placement_group

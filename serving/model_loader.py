@@ -4,6 +4,7 @@ or a hub id (where a hub is reachable)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from serving.config import ModelConfig
 
@@ -20,6 +21,7 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    early_exit_layers: Optional[int] = None  # the exit the model was trained with (config.json), if any
 
     def kv_bytes_per_block(self, block_size: int, dtype: str, tensor_parallel_size: int) -> int:
         """Bytes of K and V for one block on one rank (each rank holds kv_heads / tp heads)."""
@@ -67,7 +69,7 @@ def load_model_info(config: ModelConfig) -> ModelInfo:
         path=path, name=served_name(config, path), max_model_len=max_len,
         eos_token_ids=tuple(dict.fromkeys(eos)), num_layers=hf.num_hidden_layers,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=head_dim, vocab_size=hf.vocab_size,
+        head_dim=head_dim, vocab_size=hf.vocab_size, early_exit_layers=getattr(hf, "early_exit_layers", None),
     )
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from serving.sampling import min_p_filter, top_k_top_p
+from serving.sampling import inverse_cdf_sample, min_p_filter, top_k_top_p
 
 
 def target_probs(logits: torch.Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
@@ -47,8 +47,6 @@ def target_probs(logits: torch.Tensor, temperatures: list[float], top_ks: list[i
 
 def sample_from(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """probs: [N, V] (rows need not sum to 1); uniforms: [N] in [0, 1) -> [N] token ids, by the inverse cdf."""
-    from serving.sampling import inverse_cdf_sample
-
     return inverse_cdf_sample(probs.cumsum(dim=-1), uniforms)
 
 

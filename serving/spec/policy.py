@@ -90,12 +90,12 @@ class Acceptance:
     rejections), decayed, per sequence, starting from the proposer's running mean."""
 
     def __init__(self):
-        self._seq: dict[tuple[int, str], list[float]] = {}
+        self._seq: dict[int, dict[str, list[float]]] = {}  # seq id -> proposer -> [accepted, trials]
         self._proposer: dict[str, list[float]] = {}
 
     def observe(self, seq_id: int, proposer: str, num_proposed: int, num_accepted: int) -> None:
         rejected = 1.0 if num_accepted < num_proposed else 0.0
-        for stats in (self._seq.setdefault((seq_id, proposer), [0.0, 0.0]),
+        for stats in (self._seq.setdefault(seq_id, {}).setdefault(proposer, [0.0, 0.0]),
                       self._proposer.setdefault(proposer, [0.0, 0.0])):
             stats[0] = stats[0] * DECAY + num_accepted
             stats[1] = stats[1] * DECAY + num_accepted + rejected
@@ -103,19 +103,18 @@ class Acceptance:
     def alpha(self, seq_id: int, proposer: str) -> float:
         acc, trials = self._proposer.get(proposer, (0.0, 0.0))
         base = (acc + 2 * PRIOR_ALPHA) / (trials + 2)  # NOTE: never 0 or 1: a bad start does not end it for good
-        acc, trials = self._seq.get((seq_id, proposer), (0.0, 0.0))
+        acc, trials = self._seq.get(seq_id, {}).get(proposer, (0.0, 0.0))
         return (acc + 2 * base) / (trials + 2)  # two pseudo-trials at the proposer's mean
 
     def release(self, seq_id: int) -> None:
-        for key in [k for k in self._seq if k[0] == seq_id]:
-            del self._seq[key]
+        self._seq.pop(seq_id, None)
 
 
 class RealizedCost:
     """Measured seconds per emitted token of decode-only steps, by batch size (powers of two), without
-    speculation ("off") and with each proposer (a step with a draft round counts as the draft's): the clock's check on
-    the cost model. Speculation that the model likes but that the clock finds slower than off at this
-    batch size is held off there."""
+    speculation ("off") and with each proposer (a step with a draft round counts as the draft's): the
+    clock's check on the cost model. Speculation that the model likes but that the clock finds slower
+    than off at this batch size is held off there."""
 
     MIN_WEIGHT = 3.0  # decayed observations of both before the check says anything
 

@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+import torch
+
 from serving.sequence import Sequence
+from serving.spec.draft import DraftRequest
 from serving.step import Executor, StepInput
 
 
@@ -126,8 +129,6 @@ class EarlyExitProposer:
                 tokens[i].append(t)
                 if params[r].temperature > 0.0:
                     qs[i].append(next(q_rows))
-        import torch
-
         probs = [torch.stack(q) if q else None for q in qs]
         return Proposals(tokens, probs, time.perf_counter() - t0)
 
@@ -148,8 +149,6 @@ class DraftProposer:
         self._valid: dict[int, tuple[int, int]] = {}
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposals:
-        from serving.spec.draft import DraftRequest
-
         t0 = time.perf_counter()
         reqs = []
         for seq, k in zip(seqs, ks):

@@ -59,12 +59,13 @@ def test_greedy_output_is_the_same_with_the_engine_in_the_replica(ep_app):
     assert a["usage"]["completion_tokens"] == 12
 
 
-async def stream_then_kill(url: str, pid: int) -> tuple[list[str], list[int], float]:
-    """Streams one long request and kills `pid` after its second event; meanwhile sends 4 more
-    requests. Returns the stream's events, the others' status codes, and seconds from the kill to
-    the last of them answering."""
-    body = {"model": TP2, "prompt": "The sea", "max_tokens": 400, "temperature": 0, "stream": True}
-    small = {"model": TP2, "prompt": "The sea", "max_tokens": 4, "temperature": 0}
+async def stream_then_kill(url: str, pid: int, model: str = TP2, prompt: str = "The sea",
+                           **body_extra) -> tuple[list[str], list[int], float]:
+    """Streams one long request (`body_extra` added to its body) and kills `pid` after its second
+    event; meanwhile sends 4 more requests. Returns the stream's events, the others' status codes,
+    and seconds from the kill to the last of them answering."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": True, **body_extra}
+    small = {"model": model, "prompt": "The sea", "max_tokens": 4, "temperature": 0}
     events: list[str] = []
     async with httpx.AsyncClient(timeout=90) as client:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:

@@ -3,13 +3,13 @@ greedy output over HTTP equals speculation off; the server reports acceptance pe
 worker that dies is handled like a dead rank (the stream ends cleanly, the replica rebuilds in place)."""
 
 import asyncio
-import os
-import signal
 import time
 
 import httpx
 import pytest
 from ray import serve
+
+from tests.integration.test_engine_process import stream_then_kill
 
 APP, ROUTE, MODEL = "spec", "/spec", "spec-draft"
 
@@ -72,29 +72,12 @@ def test_served_greedy_output_equals_speculation_off_and_acceptance_is_reported(
     assert after["proposed"] > before["proposed"] and after["accepted"] > before["accepted"]
 
 
-async def stream_then_kill(url: str, pid: int):
-    body = {"model": MODEL, "prompt": "Tell me a verse", "max_tokens": 300, "temperature": 0, "stream": True,
-            "ignore_eos": True}
-    small = {"model": MODEL, "prompt": "The sea", "max_tokens": 4, "temperature": 0}
-    events = []
-    async with httpx.AsyncClient(timeout=90) as client:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 2:
-                        os.kill(pid, signal.SIGKILL)
-                        others = asyncio.gather(*(client.post(url + "/v1/completions", json=small) for _ in range(3)))
-        codes = [r.status_code for r in await others]
-    return events, codes
-
-
 def test_a_killed_draft_worker_is_handled_like_a_dead_rank(spec_app):
     before = llm_call("placement")["engine_process"]
-    events, codes = asyncio.run(asyncio.wait_for(stream_then_kill(spec_app, before["draft"]["pid"]), 150))
+    killing = stream_then_kill(spec_app, before["draft"]["pid"], MODEL, "Tell me a verse", ignore_eos=True)
+    events, codes, _ = asyncio.run(asyncio.wait_for(killing, 150))
     assert events[-1] == "[DONE]" or any('"error"' in e for e in events[2:]), events[-3:]  # ended, never hung
-    assert codes == [200] * 3  # held while the engine (and a new draft worker) were rebuilt, then served
+    assert codes == [200] * 4  # held while the engine (and a new draft worker) were rebuilt, then served
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         after = llm_call("placement")["engine_process"]

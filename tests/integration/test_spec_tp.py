@@ -36,11 +36,9 @@ class SpecHost:
 
 @pytest.fixture(scope="module")
 def reference():
-    from tests.unit.test_spec_engine import make_engine, mixed_requests, run
+    from tests.unit.test_spec_engine import greedy_reference
 
-    engine = make_engine("none", num_kv_blocks=512)
-    tokens, reasons, _ = run(engine, mixed_requests(engine))
-    return tokens, reasons
+    return greedy_reference()
 
 
 @pytest.mark.parametrize("method", ["ngram", "early_exit", "draft", "auto"])

@@ -18,6 +18,7 @@ from serving.sampling import SamplingParams
 from serving.spec.draft import DraftRunner
 from serving.spec.proposers import DraftProposer
 from serving.spec.speculator import Speculator, measure_step_cost
+from tests.unit.test_engine import run as run_requests
 from tests.unit.test_spec_acceptance import chi_square, chi_square_critical
 
 BLOCK_SIZE = 4
@@ -48,28 +49,13 @@ def chat(engine, text: str) -> list[int]:
                                                 tokenize=True, return_dict=True)["input_ids"]
 
 
-def run(engine, requests, max_steps: int = 3000):
-    """requests: (id, prompt, params, arrival step). Returns ({id: tokens}, {id: reason}, [StepStats])."""
-    tokens = {rid: [] for rid, *_ in requests}
-    reasons, all_stats = {}, []
-    for t in range(max_steps):
-        for rid, prompt, params, arrival in requests:
-            if arrival == t:
-                engine.add_request(rid, prompt, params)
-        if t > max(a for *_, a in requests) and not engine.has_unfinished():
-            break
-        outputs, stats = engine.step()
-        all_stats.append(stats)
-        for out in outputs:
-            assert out.request_id not in reasons, "output after the request finished"
-            tokens[out.request_id] += out.token_ids
-            assert out.num_output_tokens == len(tokens[out.request_id])
-            if out.finished:
-                reasons[out.request_id] = out.finish_reason
-    else:
-        pytest.fail("requests did not finish")
+def run(engine, requests):
+    """requests: (id, prompt, params, arrival step), stepped by test_engine's `run` (its checks on every
+    output and step). Returns ({id: tokens}, {id: reason}, [StepStats]); every block came back."""
+    results, all_stats = run_requests(engine, requests)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    return tokens, reasons, all_stats
+    return ({rid: r["tokens"] for rid, r in results.items()}, {rid: r["reason"] for rid, r in results.items()},
+            all_stats)
 
 
 QUESTIONS = ["What is a river?", "Tell me a verse about mercy.", 'What does "light" mean?', "What is a tree?",
@@ -89,11 +75,16 @@ def mixed_requests(engine):
     return reqs
 
 
-@pytest.fixture(scope="module")
-def reference():
+def greedy_reference() -> tuple[dict, dict]:
+    """The mixed requests with speculation off: ({id: tokens}, {id: reason})."""
     engine = make_engine("none", num_kv_blocks=512)
     tokens, reasons, _ = run(engine, mixed_requests(engine))
     return tokens, reasons
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return greedy_reference()
 
 
 @pytest.mark.parametrize("method", ["ngram", "early_exit", "draft", "auto"])
