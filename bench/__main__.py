@@ -83,7 +83,6 @@ def speculation_stats(target: str) -> dict:
     tokens per verifying step; {} without speculation."""
     from ray import serve
 
-
     status = serve.status().applications[target].deployments
     name = next(d for d in status if d.startswith("LLMServer"))
     stats = serve.get_deployment_handle(name, app_name=target).stats.remote().result(timeout_s=30)
