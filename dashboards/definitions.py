@@ -212,12 +212,14 @@ ENGINE = Dashboard(
         )),
         Row("Semantic cache", (
             Panel("Cache operations per second", "Lookups, hits, misses, inserts, evictions by reason "
-                                                 "(capacity or TTL), and candidates the verifier refused "
-                                                 "by reason.",
+                                                 "(capacity or TTL), candidates the verifier refused "
+                                                 "by reason, and calls the router gave up or skipped "
+                                                 "(deadline, error, breaker open).",
                   tuple(Target(rate(spec, ()), spec.name.removeprefix("llm_cache_"))
                         for spec in (m.CACHE_LOOKUPS, m.CACHE_HITS, m.CACHE_MISSES, m.CACHE_INSERTS))
                   + (Target(rate(m.CACHE_EVICTIONS, ("reason",)), "evictions {{reason}}"),
-                     Target(rate(m.CACHE_REJECTIONS, ("reason",)), "refused {{reason}}")),
+                     Target(rate(m.CACHE_REJECTIONS, ("reason",)), "refused {{reason}}"),
+                     Target(rate(m.CACHE_SKIPS, ("call", "reason")), "router skipped {{call}} ({{reason}})")),
                   unit="ops", width=8),
             Panel("Cache lookup latency", "Embedding, search and verifier of one lookup.",
                   percentiles(m.CACHE_LOOKUP_LATENCY, ()), unit="s", width=8),

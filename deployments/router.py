@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.breaker import CircuitBreaker
 from serving.config import AppConfig
 from serving.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
@@ -55,6 +56,19 @@ def _validation_error(e: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"{first.get('msg', 'invalid request')} (param: {param})", param=param)
 
 
+def replica_died(e: BaseException) -> bool:
+    """Whether `e` says that the replica serving the call died (not that it answered an error)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(e, (RayActorError, ActorUnavailableError))
+
+
+class ReplicaDiedError(UnavailableError):
+    def __init__(self):
+        super().__init__("the model's replica failed during this request; send it again", code="replica_died",
+                         retry_after=1.0)
+
+
 def _router_telemetry():
     from deployments.telemetry import RouterTelemetry
 
@@ -87,6 +101,8 @@ class Router:
         # NOTE: made once: `options()` builds a new handle, a cost on every request otherwise
         self._llm_streams = {name: h.options(stream=True) for name, h in self.llms.items()}
         self.caches = [h.options(_by_reference=by_reference) for h in cache_handles]
+        self._breakers = [CircuitBreaker(config.cache.breaker_failures, config.cache.breaker_open_s)
+                          for _ in cache_handles]
         self.config = config
         self._cards: dict[str, dict] = {}
         self._background: set[asyncio.Task] = set()
@@ -201,21 +217,30 @@ class Router:
             return
         lookup = self._cache_lookup_args(request)
         if lookup is not None and lookup[2].read:
-            hit = await self._cache_for(lookup[0]).lookup.remote(lookup[0], lookup[1])
+            hit = await self._cache_call("lookup", lookup[0], lookup[1])
             if hit is not None:
                 a = hit.answer
                 yield 0, GenerationOutput(request_id="", text=a.text, finished=True, finish_reason=a.finish_reason,
                                        num_prompt_tokens=a.num_prompt_tokens,
                                        num_output_tokens=a.num_output_tokens), True
                 return
-        request_id = unique_id("req")
-        stream = handle.generate.remote(request, request_id)
         texts = []
-        async for out in stream:
-            texts.append(out.text)
-            yield 0, out, False
-            if out.finished and lookup is not None and lookup[2].write and out.finish_reason != "abort":
-                self._insert_later(lookup, "".join(texts), out)
+        for attempt in (0, 1):
+            try:
+                async for out in handle.generate.remote(request, unique_id("req")):
+                    texts.append(out.text)
+                    yield 0, out, False
+                    if out.finished and lookup is not None and lookup[2].write and out.finish_reason != "abort":
+                        self._insert_later(lookup, "".join(texts), out)
+                return
+            except Exception as e:
+                if not replica_died(e):
+                    raise
+                if texts or attempt:
+                    raise ReplicaDiedError() from e
+                # nothing was sent: the same request once more, on a live replica (Serve has dropped
+                # the dead one from its routing)
+                logger.warning("LLM replica of '%s' died before its first output; retrying once", request.model)
 
     @staticmethod
     async def _choices(handle: DeploymentHandle, request: AnyRequest):
@@ -239,7 +264,7 @@ class Router:
             while left:
                 index, out, error = await queue.get()
                 if error is not None:
-                    raise error
+                    raise ReplicaDiedError() from error if replica_died(error) else error
                 yield index, out, False
                 left -= out.finished
         finally:
@@ -271,10 +296,31 @@ class Router:
             return None
         return build_cache_key(request, request.model), query, policy
 
-    def _cache_for(self, key) -> DeploymentHandle:
+    async def _cache_call(self, call: str, key, *args):
+        """`lookup` or `insert` on the key's cache partition, within the cache's deadline and its
+        circuit breaker; None when the call was skipped, failed or ran late (for a lookup: a miss).
+        NOTE: so a dead or stalled cache replica never holds a request up; Serve replaces it."""
         from serving.cache.key import partition_of
 
-        return self.caches[partition_of(key, len(self.caches))]
+        partition = partition_of(key, len(self.caches))
+        breaker = self._breakers[partition]
+        if not breaker.allow():
+            self.telemetry.record_cache_skip(call, "open")
+            return None
+        try:
+            async with asyncio.timeout(self.config.cache.timeout_s):
+                result = await getattr(self.caches[partition], call).remote(key, *args)
+        except Exception as e:  # noqa: BLE001 - any failure of the cache is a miss, never the request's error
+            reason = "timeout" if isinstance(e, TimeoutError) else "error"
+            opened = breaker.num_opened
+            breaker.record_failure()
+            self.telemetry.record_cache_skip(call, reason)
+            if breaker.num_opened > opened:
+                logger.warning("cache partition %d: %s %s (%s); serving without it for %.0f s", partition, call,
+                               reason, type(e).__name__, breaker.open_s)
+            return None
+        breaker.record_success()
+        return result
 
     def _insert_later(self, lookup, text: str, last: GenerationOutput) -> None:
         from serving.cache.types import CachedAnswer
@@ -283,18 +329,13 @@ class Router:
         answer = CachedAnswer(text=text, finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
                               num_output_tokens=last.num_output_tokens)
 
-        async def insert():
-            try:
-                await self._cache_for(key).insert.remote(key, query, answer)
-            except Exception:
-                logger.exception("cache insert failed")
-
-        task = asyncio.get_running_loop().create_task(insert())
+        task = asyncio.get_running_loop().create_task(self._cache_call("insert", key, query, answer))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _complete(self, request: AnyRequest) -> Union[CompletionResponse, ChatCompletionResponse]:
-        prompt_text = await self._prompt_text(request)
+    async def _gather(self, request: AnyRequest):
+        """A whole answer: per choice its texts, token ids, log-probabilities, prompt log-probabilities
+        and last output, and whether it came from the cache."""
         n = request.n
         texts, ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         lasts: list[Optional[GenerationOutput]] = [None] * n
@@ -308,6 +349,17 @@ class Router:
             if out.prompt_logprobs is not None:
                 prompt_logprobs[i] = out.prompt_logprobs
             lasts[i] = out
+        return texts, ids, logprobs, prompt_logprobs, lasts, cached
+
+    async def _complete(self, request: AnyRequest) -> Union[CompletionResponse, ChatCompletionResponse]:
+        prompt_text = await self._prompt_text(request)
+        try:
+            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request)
+        except ReplicaDiedError:
+            # NOTE: not streamed, so the client has seen nothing yet: the whole request once more
+            logger.warning("LLM replica of '%s' died mid-request; retrying it once", request.model)
+            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request)
+        n = request.n
         usage = usage_of(lasts)
         asked = request.num_logprobs is not None
         choices = []

@@ -230,6 +230,10 @@ class RouterTelemetry:
             error = getattr(error, "error_type", None) or type(error).__name__
         self._counts.add(m.ERRORS, {"error_type": str(error)})
 
+    def record_cache_skip(self, call: str, reason: str) -> None:
+        """A cache `call` (lookup, insert) given up ("timeout", "error") or skipped ("open")."""
+        self._counts.add(m.CACHE_SKIPS, {"call": call, "reason": reason})
+
 
 # Keys of the cache's stats() after normalising (lower case, without `cache_`/`num_` and `_total`):
 # cumulative counts -> (counter, labels); current values -> gauge.

@@ -96,6 +96,14 @@ class CacheConfig(_Frozen):
     # Most texts one embedding forward pass takes (micro-batching), and torch threads for it.
     embedding_batch_size: int = Field(default=64, ge=1)
     embedding_threads: int = Field(default=1, ge=0)
+    # The router's deadline for one lookup or insert. Past it the request is a miss (the model
+    # answers) and the call counts as a failure of the partition (a fresh prompt's lookup takes
+    # ~10-20 ms here, most of it one embedding).
+    timeout_s: float = Field(default=0.05, gt=0)
+    # Failures in a row that open a partition's circuit breaker (the router then serves without
+    # that partition), and the seconds before one trial call goes through (serving/breaker.py).
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_open_s: float = Field(default=5.0, gt=0)
 
 
 class SpeculativeConfig(_Frozen):
@@ -303,6 +311,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "cache": ("cache", "enabled"),
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),
+    "cache_timeout_s": ("cache", "timeout_s"),
     "router_replicas": ("router", "num_replicas"),
     "handle_transport": ("router", "handle_transport"),
     "access_log": ("app", "access_log"),

@@ -136,6 +136,8 @@ CACHE_REJECTIONS = MetricSpec("llm_cache_rejections", C, "Cache candidates the v
                               ("reason",))  # serving/cache/verifier.py REJECTION_LABELS
 CACHE_ENTRIES = MetricSpec("llm_cache_entries", G, "Entries held by the semantic cache replica.")
 CACHE_BYTES = MetricSpec("llm_cache_bytes", G, "Bytes held by the semantic cache replica.")
+CACHE_SKIPS = MetricSpec("llm_cache_skips", C, "Cache calls the router gave up (timeout, error) or skipped "
+                         "(breaker open), by call and reason.", ("call", "reason"))
 CACHE_LOOKUP_LATENCY = MetricSpec("llm_cache_lookup_latency_seconds", H,
                                   "Time of one semantic cache lookup (embedding, search and check).",
                                   (), LATENCY_BUCKETS_S)
