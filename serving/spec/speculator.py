@@ -46,26 +46,29 @@ class Speculator:
     def plan(self, running: list[Sequence]) -> None:
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
         num_decoding = self._num_decoding = len(decoding)  # the batch size the clock's check compares at
-        decoding = [s for s in decoding if can_speculate(s)]
-        who = [self._pick(s) for s in decoding]
-        alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
-        # NOTE: k + 1 tokens may be emitted: stay one short of max_tokens and of the context
-        limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - len(s)) - 1 for s in decoding]
         self._steps += 1
-        probe = -1
-        if decoding and self._steps >= self._next_probe:
-            probe = self._steps % len(decoding)
+        self._ks, self._who = {}, {}
+        probing = num_decoding > 0 and self._steps >= self._next_probe
+        if probing:
             # NOTE: back off while the clock keeps finding the probed proposer slower: a probe costs a
             # whole round (and the draft's catching up) at batch 1
             slower = self.realized.slower(num_decoding, self.primary)
             self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY) if slower else PROBE_EVERY
             self._next_probe = self._steps + self._probe_every
+        off_step = self._steps % PROBE_EVERY == PROBE_EVERY // 2  # the clock's reference ("off") now and then
+        if self.policy.adaptive and (off_step or (not probing and self.realized.slower(num_decoding, self.primary))):
+            return  # NOTE: no k this step: skip the planning (most steps under load, where the clock holds off)
+        decoding = [s for s in decoding if can_speculate(s)]
+        if not decoding:
+            return
+        who = [self._pick(s) for s in decoding]
+        alphas = [self.policy.acceptance.alpha(s.seq_id, name) for s, name in zip(decoding, who)]
+        # NOTE: k + 1 tokens may be emitted: stay one short of max_tokens and of the context
+        limits = [min(s.params.max_tokens - s.num_output_tokens, self.max_model_len - len(s)) - 1 for s in decoding]
+        probe = self._steps % len(decoding) if probing else -1
         ks = self.policy.plan(alphas, limits, who, probe)
-        if self.policy.adaptive:
-            if self._steps % PROBE_EVERY == PROBE_EVERY // 2:
-                ks = [0] * len(ks)  # a step without speculation now and then: the clock's reference ("off")
-            if self.realized.slower(num_decoding, self.primary):
-                ks = [k if i == probe else 0 for i, k in enumerate(ks)]
+        if self.policy.adaptive and self.realized.slower(num_decoding, self.primary):
+            ks = [k if i == probe else 0 for i, k in enumerate(ks)]
         self._ks = {s.seq_id: k for s, k in zip(decoding, ks) if k > 0}
         self._who = {s.seq_id: name for s, name in zip(decoding, who)}
 

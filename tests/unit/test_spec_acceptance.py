@@ -162,3 +162,36 @@ def test_the_clock_holds_off_a_proposer_that_is_slower_than_off_at_a_batch_size(
     fresh.observe(1, "off", 0.0025, 1)
     fresh.observe(1, "draft", 0.0060, 2)
     assert not fresh.slower(1, "draft")  # too few observations for a verdict
+
+
+def test_while_the_clock_holds_speculation_off_only_probe_steps_plan():
+    """Under load the clock finds speculation slower than off: steps then skip the planning
+    altogether (no k), except the probes, which back off."""
+    from serving.config import SpeculativeConfig
+    from serving.sampling import SamplingParams
+    from serving.sequence import Sequence
+    from serving.spec.policy import LinearCost
+    from serving.spec.proposers import NgramProposer
+    from serving.spec.speculator import Speculator
+
+    spec = Speculator(SpeculativeConfig(method="ngram"), [NgramProposer(3)], LinearCost(1e-3, 1e-5, 1e-5), 1024)
+    seqs = []
+    for i in range(8):
+        seq = Sequence(f"s{i}", [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=64, temperature=0.0))
+        seq.num_computed_tokens = len(seq) - 1  # decoding: one uncomputed token
+        seqs.append(seq)
+    for _ in range(4):  # the clock: speculating steps cost twice as much per token as off ones
+        spec.realized.observe(8, "off", 0.010, 8)
+        spec.realized.observe(8, "ngram", 0.020, 8)
+    planned = []
+    real_plan = spec.policy.plan
+    spec.policy.plan = lambda *a: planned.append(spec._steps) or real_plan(*a)
+    with_k = []
+    for _ in range(200):
+        spec.plan(seqs)
+        num_with_k = sum(spec.lookahead(s) > 0 for s in seqs)
+        assert num_with_k <= 1  # a probe is one sequence
+        if num_with_k:
+            with_k.append(spec._steps)
+    assert planned and len(planned) <= 5, planned  # probes only, backing off: 16, 48, 112, ...
+    assert with_k and set(with_k) <= set(planned)
