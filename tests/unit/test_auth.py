@@ -1,5 +1,7 @@
 """API keys: loading from the environment and a file, the constant-time check, the tenant of a key."""
 
+import hashlib
+
 import pytest
 
 from serving.auth import ENV_VAR, ApiKeys, cache_tenant, key_tenant, load_api_keys
@@ -96,7 +98,7 @@ def test_tenant_is_stable_distinct_and_not_the_key():
     a, b = key_tenant("sk-alpha"), key_tenant("sk-beta")
     assert a == key_tenant("sk-alpha") and a != b
     assert a.startswith("key-") and len(a) == 20 and "alpha" not in a
-    assert a == "key-" + __import__("hashlib").sha256(b"serving-tenant\0sk-alpha").hexdigest()[:16]
+    assert a == "key-" + hashlib.sha256(b"serving-tenant\0sk-alpha").hexdigest()[:16]
 
 
 def test_cache_tenant_keeps_user_under_the_key():
