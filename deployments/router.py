@@ -5,12 +5,16 @@
 Every request goes: validate -> semantic cache (hit: answer now) -> the model's LLM server
 (streaming) -> the answer, and on a finished miss an insert into the cache off the response path.
 HTTP routes and `Router.generate` (for `DeploymentHandle` callers) share one async generator.
+With API keys configured (serving/auth.py) every HTTP route but the health checks needs one, and
+the key, not the request's `user`, picks the cache tenant; HTTP requests also meet `router.limits`
+(serving/limits.py). Handle callers are trusted Ray code: no key, no limits.
 """
 
 
 import asyncio
 import json
 import logging
+import os
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -19,9 +23,13 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.auth import ApiKeys, cache_tenant, load_api_keys
 from serving.breaker import CircuitBreaker
 from serving.config import AppConfig
-from serving.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
+from serving.errors import (
+    AuthenticationError, ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError,
+)
+from serving.limits import check_limits, read_body
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
@@ -30,7 +38,7 @@ from serving.protocol import (
 )
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None)
+api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def as_serving_error(e: BaseException) -> Optional[ServingError]:
@@ -42,8 +50,10 @@ def as_serving_error(e: BaseException) -> Optional[ServingError]:
 
 
 def error_response(err: ServingError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
-    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
+    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else {}
+    if isinstance(err, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: a 401 names the scheme it wants
+    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers or None)
 
 
 def _validation_error(e: ValidationError) -> InvalidRequestError:
@@ -104,6 +114,9 @@ class Router:
         self._breakers = [CircuitBreaker(config.cache.breaker_failures, config.cache.breaker_open_s)
                           for _ in cache_handles]
         self.config = config
+        keys = load_api_keys(config.router.api_keys_file, os.environ)
+        self.api_keys = ApiKeys(keys) if keys else None  # None: keys are off
+        logger.info("router: API keys %s", f"on ({len(keys)})" if keys else "off")
         self._cards: dict[str, dict] = {}
         self._background: set[asyncio.Task] = set()
         self.telemetry = _router_telemetry()
@@ -127,7 +140,11 @@ class Router:
         return await self._http(raw, DetokenizeRequest, "/detokenize")
 
     @api.get("/v1/models")
-    async def http_models(self):
+    async def http_models(self, raw: Request):
+        try:
+            self._tenant_of_key(raw)
+        except AuthenticationError as e:
+            return error_response(e)
         return JSONResponse((await self.models()).model_dump())
 
     @api.get("/health")
@@ -138,11 +155,20 @@ class Router:
     async def http_v1_health(self):
         return {"status": "ok"}
 
+    def _tenant_of_key(self, raw: Request) -> Optional[str]:
+        """The tenant of the request's API key (None when keys are off); 401 without a right one."""
+        if self.api_keys is None:
+            return None
+        return self.api_keys.tenant_of(raw.headers.get("authorization"))
+
     async def _http(self, raw: Request, model_cls, endpoint: str):
         status = 200
         try:
+            tenant_of_key = self._tenant_of_key(raw)  # NOTE: before the body is read
+            limits = self.config.router.limits
+            raw_body = await read_body(raw.stream(), raw.headers.get("content-length"), limits.max_body_bytes)
             try:
-                body = await raw.json()
+                body = json.loads(raw_body)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise InvalidRequestError("the request body is not valid JSON")
             if not isinstance(body, dict):
@@ -153,11 +179,14 @@ class Router:
                 request = model_cls.model_validate(body)
             except ValidationError as e:
                 raise _validation_error(e)
+            if endpoint != "/detokenize":
+                check_limits(request, limits)
             if endpoint in ("/tokenize", "/detokenize"):
                 return JSONResponse(await self._tokenizer_call(request))
+            tenant = cache_tenant(tenant_of_key, request.user)
             if not request.stream:
-                return JSONResponse((await self._complete(request)).model_dump())
-            stream = self._sse_lines(request)
+                return JSONResponse((await self._complete(request, tenant)).model_dump())
+            stream = self._sse_lines(request, tenant)
             first = await stream.__anext__()  # errors before the first chunk still get a status code
             return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
         except Exception as e:
@@ -177,10 +206,11 @@ class Router:
 
     async def generate(self, request: AnyRequest):
         """For `DeploymentHandle` callers: the response object, or with `request.stream` (and
-        `handle.options(stream=True)`) an async generator of chunk objects."""
+        `handle.options(stream=True)`) an async generator of chunk objects. Callers are trusted Ray
+        code: no API key is asked and `router.limits` do not apply; the cache tenant is `user`."""
         if request.stream:
             return self._stream_chunks(request)
-        return await self._complete(request)
+        return await self._complete(request, None)
 
     async def _tokenizer_call(self, request) -> dict:
         """/tokenize and /detokenize, answered by the model's LLM server (its tokenizer)."""
@@ -206,8 +236,10 @@ class Router:
 
     # ---- the shared path ----------------------------------------------------------------------
 
-    async def _outputs(self, request: AnyRequest) -> AsyncIterator[tuple[int, GenerationOutput, bool]]:
-        """(choice index, output, cached): one from the cache on a hit, else the model's stream(s)."""
+    async def _outputs(self, request: AnyRequest,
+                       tenant: Optional[str]) -> AsyncIterator[tuple[int, GenerationOutput, bool]]:
+        """(choice index, output, cached): one from the cache on a hit, else the model's stream(s).
+        `tenant` partitions the cache (serving/auth.py `cache_tenant`; None: the request's `user`)."""
         handle = self._llm_streams.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
@@ -215,7 +247,7 @@ class Router:
             async for item in self._choices(handle, request):
                 yield item
             return
-        lookup = self._cache_lookup_args(request)
+        lookup = self._cache_lookup_args(request, tenant)
         if lookup is not None and lookup[2].read:
             hit = await self._cache_call("lookup", lookup[0], lookup[1])
             if hit is not None:
@@ -282,7 +314,7 @@ class Router:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         return await handle.detokenize.remote(request.prompt)
 
-    def _cache_lookup_args(self, request: AnyRequest):
+    def _cache_lookup_args(self, request: AnyRequest, tenant: Optional[str]):
         """(key, query text, policy) when the cache may be read or written for `request`, else None."""
         if not self.caches or not self.config.cache.enabled or request.uses_extensions:
             return None
@@ -294,7 +326,7 @@ class Router:
         policy = cache_policy(request)
         if not (policy.read or policy.write):
             return None
-        return build_cache_key(request, request.model), query, policy
+        return build_cache_key(request, request.model, tenant), query, policy
 
     async def _cache_call(self, call: str, key, *args):
         """`lookup` or `insert` on the key's cache partition, within the cache's deadline and its
@@ -333,7 +365,7 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _gather(self, request: AnyRequest):
+    async def _gather(self, request: AnyRequest, tenant: Optional[str]):
         """A whole answer: per choice its texts, token ids, log-probabilities, prompt log-probabilities
         and last output, and whether it came from the cache."""
         n = request.n
@@ -341,7 +373,7 @@ class Router:
         lasts: list[Optional[GenerationOutput]] = [None] * n
         prompt_logprobs: list[list] = [[] for _ in range(n)]
         cached = False
-        async for i, out, cached in self._with_timeout(request):
+        async for i, out, cached in self._with_timeout(request, tenant):
             texts[i].append(out.text)
             ids[i].extend(out.token_ids)
             if out.logprobs is not None:
@@ -351,14 +383,15 @@ class Router:
             lasts[i] = out
         return texts, ids, logprobs, prompt_logprobs, lasts, cached
 
-    async def _complete(self, request: AnyRequest) -> Union[CompletionResponse, ChatCompletionResponse]:
+    async def _complete(self, request: AnyRequest,
+                        tenant: Optional[str]) -> Union[CompletionResponse, ChatCompletionResponse]:
         prompt_text = await self._prompt_text(request)
         try:
-            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request)
+            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request, tenant)
         except ReplicaDiedError:
             # NOTE: not streamed, so the client has seen nothing yet: the whole request once more
             logger.warning("LLM replica of '%s' died mid-request; retrying it once", request.model)
-            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request)
+            texts, ids, logprobs, prompt_logprobs, lasts, cached = await self._gather(request, tenant)
         n = request.n
         usage = usage_of(lasts)
         asked = request.num_logprobs is not None
@@ -380,33 +413,33 @@ class Router:
     async def _stream_chunks(self, request: AnyRequest):
         """OpenAI stream chunks; each choice's last carries its finish_reason, then (if asked) one usage chunk."""
         chunks = StreamChunks(request, await self._prompt_text(request))
-        async for i, out, cached, first in self._stream_items(request):
+        async for i, out, cached, first in self._stream_items(request, None):
             yield chunks.chunk(i, out, cached, first)
             if out.finished and chunks.all_finished and request.include_usage:
                 yield chunks.usage_chunk(cached)
 
-    async def _sse_lines(self, request: AnyRequest):
+    async def _sse_lines(self, request: AnyRequest, tenant: Optional[str]):
         """The same chunks as `_stream_chunks`, as SSE `data:` lines."""
         chunks = StreamChunks(request, await self._prompt_text(request))
-        async for i, out, cached, first in self._stream_items(request):
+        async for i, out, cached, first in self._stream_items(request, tenant):
             yield chunks.sse_line(i, out, cached, first)
             if out.finished and chunks.all_finished and request.include_usage:
                 yield f"data: {chunks.usage_chunk(cached).model_dump_json()}\n\n"
 
-    async def _stream_items(self, request: AnyRequest):
+    async def _stream_items(self, request: AnyRequest, tenant: Optional[str]):
         """(choice index, output, cached, first) for every output a stream sends: an empty middle one
         is not, unless it carries token ids or log-probabilities that were asked for."""
         started = [False] * request.n
         bare = not request.return_token_ids and request.num_logprobs is None
-        async for i, out, cached in self._with_timeout(request):
+        async for i, out, cached in self._with_timeout(request, tenant):
             if not out.text and not out.finished and started[i] and bare:
                 continue
             yield i, out, cached, not started[i]
             started[i] = True
 
-    async def _with_timeout(self, request: AnyRequest):
+    async def _with_timeout(self, request: AnyRequest, tenant: Optional[str]):
         """The outputs, with a bound on the wait for each one (never a hung request)."""
-        gen = self._outputs(request)
+        gen = self._outputs(request, tenant)
         timeout = self.config.router.request_timeout_s
         try:
             while True:

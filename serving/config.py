@@ -204,6 +204,27 @@ class LLMConfig(_Frozen):
     serve: ServeOptions = ServeOptions()
 
 
+class LimitsConfig(_Frozen):
+    """Bounds on what one HTTP request may ask for; each refusal is a 4xx naming the field
+    (serving/limits.py). The protocol's own rules (at most 4 stop strings, n, logprobs) and the
+    engine's context-window check come on top."""
+
+    # Bytes of request body, refused with 413 before parsing. A prompt that fills a 128k-token
+    # window is about 512 KB of English (4 characters a token); 1 MiB leaves room for JSON escapes
+    # and a conversation's framing, and bounds what one request makes the router read and parse.
+    max_body_bytes: int = Field(default=2**20, ge=1024)
+    # Tokens one request may ask to generate (max_tokens / max_completion_tokens), whatever the
+    # context window: one request then holds a sequence for at most this many decode steps.
+    max_output_tokens: int = Field(default=16384, ge=1)
+    # Characters per stop string: the detokenizer holds back up to this much of a stream (it could
+    # still be a stop string's start) and searches that far back on every token.
+    max_stop_len: int = Field(default=256, ge=1)
+    max_num_messages: int = Field(default=2048, ge=1)  # OpenAI's own bound on a chat's messages
+    # Characters of prompt (or of all messages together): the LLM server tokenizes a prompt before
+    # the context check can refuse it. 512 Ki characters is about 128k tokens of English.
+    max_prompt_chars: int = Field(default=2**19, ge=1)
+
+
 class RouterConfig(_Frozen):
     num_replicas: int = Field(default=1, ge=1)
     # Ray CPUs reserved per router replica (Serve's default is 1: on a 2-core machine that left too
@@ -219,6 +240,11 @@ class RouterConfig(_Frozen):
     # object refs). gRPC took the router's and LLM server's CPU per streamed token about in half
     # here (docs/benchmark-results.md).
     handle_transport: Literal["grpc", "ray"] = "grpc"
+    # A file of API keys (one a line; blank lines and # comments ignored), read by the router; with
+    # keys (here or in $SERVING_API_KEYS) every route but the health checks needs one (serving/auth.py).
+    # NOTE: only the path: keys never sit in the config, which Serve logs and pickles to replicas.
+    api_keys_file: Optional[str] = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 class AppConfig(_Frozen):
@@ -232,9 +258,14 @@ class AppConfig(_Frozen):
     access_log: bool = False
 
     @model_validator(mode="after")
-    def _unique_names(self):
+    def _check(self):
         if not self.models:
             raise ValueError("at least one model is required")
+        bound = self.router.limits.max_output_tokens
+        for llm in self.models:  # a request without max_tokens gets the default: it must be allowed
+            if llm.scheduler.default_max_tokens > bound:
+                raise ValueError(f"scheduler.default_max_tokens ({llm.scheduler.default_max_tokens}) must be <= "
+                                 f"router.limits.max_output_tokens ({bound})")
         return self
 
     @classmethod
@@ -263,14 +294,13 @@ class AppConfig(_Frozen):
                 app[field] = value
             elif section == "cache":
                 cache[field] = value
-            elif section == "router":
-                router[field] = value
             else:
+                target = router if section == "router" else tree[section]
                 head, _, sub = field.partition(".")  # "autoscaling.min_replicas" -> a nested field
                 if sub:
-                    tree[section].setdefault(head, {})[sub] = value
+                    target.setdefault(head, {})[sub] = value
                 else:
-                    tree[section][field] = value
+                    target[field] = value
         llm = LLMConfig.model_validate({k: v for k, v in tree.items() if v})
         return cls(models=(llm,), cache=CacheConfig.model_validate(cache), router=RouterConfig.model_validate(router),
                    **app)
@@ -314,6 +344,12 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "cache_timeout_s": ("cache", "timeout_s"),
     "router_replicas": ("router", "num_replicas"),
     "handle_transport": ("router", "handle_transport"),
+    "api_keys_file": ("router", "api_keys_file"),
+    "max_body_bytes": ("router", "limits.max_body_bytes"),
+    "max_output_tokens": ("router", "limits.max_output_tokens"),
+    "max_stop_len": ("router", "limits.max_stop_len"),
+    "max_num_messages": ("router", "limits.max_num_messages"),
+    "max_prompt_chars": ("router", "limits.max_prompt_chars"),
     "access_log": ("app", "access_log"),
 }
 

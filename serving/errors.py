@@ -67,3 +67,24 @@ class UnavailableError(ServingError):
     def __init__(self, message: str = "service unavailable", param: Optional[str] = None,
                  code: Optional[str] = "unavailable", retry_after: Optional[float] = 5.0):
         super().__init__(message, param, code, retry_after)
+
+
+class AuthenticationError(ServingError):
+    """A missing, malformed or unknown API key (OpenAI answers these with 401 and this type and code)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = "invalid_api_key",
+                 retry_after: Optional[float] = None):
+        super().__init__(message, param, code, retry_after)
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request body over the configured size; it is refused before it is parsed."""
+
+    status_code = 413
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = "request_too_large",
+                 retry_after: Optional[float] = None):
+        super().__init__(message, param, code, retry_after)

@@ -84,8 +84,9 @@ def _last_user_index(request: ChatCompletionRequest) -> Optional[int]:
     return None
 
 
-def build_cache_key(request: Request, model_id: str) -> CacheKey:
-    """The hard partition of `request` when served by `model_id`.
+def build_cache_key(request: Request, model_id: str, tenant: Optional[str] = None) -> CacheKey:
+    """The hard partition of `request` when served by `model_id`, for `tenant` (None: the request's
+    `user`, or ""; with API keys on the router passes the key's tenant, serving/auth.py).
 
     Sampling parameters that change the output are part of the key; `stream`, `stream_options`,
     `user`-independent extensions like `cache` are not. `max_tokens=None` stays None (the server's
@@ -94,7 +95,7 @@ def build_cache_key(request: Request, model_id: str) -> CacheKey:
     return CacheKey(
         model=model_id,
         kind="chat" if isinstance(request, ChatCompletionRequest) else "completion",
-        tenant=request.user or "",
+        tenant=(request.user or "") if tenant is None else tenant,
         temperature=float(request.temperature),
         top_p=float(request.top_p),
         top_k=int(request.top_k),

@@ -88,3 +88,14 @@ def test_key_roundtrips_through_fields_and_pickle():
     assert CacheKey.from_fields(key.fields()) == key
     again = pickle.loads(pickle.dumps(key))
     assert again == key and again.digest == key.digest
+
+
+def test_an_explicit_tenant_replaces_user():
+    from serving.auth import cache_tenant, key_tenant
+
+    req = chat([user("x")], user="bob")
+    assert build_cache_key(req, "m").tenant == "bob"
+    a = build_cache_key(req, "m", cache_tenant(key_tenant("sk-a"), req.user))
+    b = build_cache_key(req, "m", cache_tenant(key_tenant("sk-b"), req.user))
+    assert a != b and "bob" in a.tenant and "sk-" not in a.tenant
+    assert build_cache_key(req, "m", "") == build_cache_key(chat([user("x")]), "m")

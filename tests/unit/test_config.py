@@ -99,3 +99,21 @@ def test_speculative_flat_arguments():
     assert not AppConfig.from_flat_args({"speculative_method": "none"}).models[0].speculative.enabled
     with pytest.raises(ValueError):
         AppConfig.from_flat_args({"speculative_method": "medusa"})
+
+
+def test_api_keys_file_and_limits_flat_arguments():
+    config = AppConfig.from_flat_args({"api_keys_file": "/etc/serving/keys", "max_body_bytes": "65536",
+                                       "max_output_tokens": "512", "max_stop_len": "32", "max_num_messages": "64",
+                                       "max_prompt_chars": "10000", "router_replicas": "2"})
+    router = config.router
+    assert router.api_keys_file == "/etc/serving/keys" and router.num_replicas == 2
+    limits = router.limits
+    assert (limits.max_body_bytes, limits.max_output_tokens, limits.max_stop_len, limits.max_num_messages,
+            limits.max_prompt_chars) == (65536, 512, 32, 64, 10000)
+    assert AppConfig.from_flat_args({}).router.api_keys_file is None
+
+
+def test_default_max_tokens_must_fit_the_output_limit():
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        AppConfig.from_flat_args({"max_output_tokens": "100"})  # the default max_tokens is 256
+    AppConfig.from_flat_args({"max_output_tokens": "256"})
