@@ -25,6 +25,7 @@ def build_app(config: AppConfig) -> serve.Application:
     from deployments.llm_server import LLMServer, LLMServerDeployment
     from deployments.router import Router
     from parallel.build import resolve_device
+    from ray.serve.config import BackpressureConfig
 
     logging = {"enable_access_log": config.access_log}
     llms = {}
@@ -35,10 +36,13 @@ def build_app(config: AppConfig) -> serve.Application:
         opts = LLMServer.deployment_options(llm, resolve_device(llm))
         llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", logging_config=logging, **opts).bind(llm)
     caches = cache_partitions(config.cache, logging) if config.cache.enabled else []
+    # NOTE: past the router's own queue Serve's proxy answers 503 (plain text) with Retry-After
+    overload = BackpressureConfig(status_code=503, retry_after_s=config.router.overload_retry_after_s)
     return Router.options(num_replicas=config.router.num_replicas, logging_config=logging,
                           ray_actor_options={"num_cpus": config.router.num_cpus},
                           max_ongoing_requests=config.router.max_ongoing_requests,
-                          max_queued_requests=config.router.max_queued_requests).bind(llms, caches, config)
+                          max_queued_requests=config.router.max_queued_requests,
+                          backpressure_config=overload).bind(llms, caches, config)
 
 
 def app(args: Optional[dict[str, Any]] = None) -> serve.Application:

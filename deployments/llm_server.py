@@ -91,6 +91,7 @@ class LLMServer:
         replica_gpus = 0 if config.parallel.engine_process else bundles[0].get("GPU", 0)
         opts: dict = {
             "max_ongoing_requests": serve_opts.max_ongoing_requests,
+            "max_queued_requests": serve_opts.max_queued_requests,
             "health_check_period_s": serve_opts.health_check_period_s,
             "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
             "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": replica_gpus},

@@ -41,11 +41,17 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def as_serving_error(e: BaseException) -> Optional[ServingError]:
-    """The user-facing error inside `e`, also when it crossed a Ray handle (RayTaskError)."""
+def as_serving_error(e: BaseException, retry_after_s: float = 1.0) -> Optional[ServingError]:
+    """The user-facing error inside `e`, also when it crossed a Ray handle (RayTaskError); a full
+    queue of a model's replicas (Serve's back-pressure) is a 503 with Retry-After."""
+    from ray.serve.exceptions import BackPressureError
+
     for candidate in (getattr(e, "cause", None), e):
         if isinstance(candidate, ServingError) and hasattr(candidate, "message"):
             return candidate
+        if isinstance(candidate, BackPressureError):
+            return UnavailableError("The model's replicas are at capacity and their queue is full; retry later.",
+                                    code="overloaded", retry_after=retry_after_s)
     return None
 
 
@@ -190,7 +196,7 @@ class Router:
             first = await stream.__anext__()  # errors before the first chunk still get a status code
             return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
         except Exception as e:
-            err = as_serving_error(e)
+            err = as_serving_error(e, self.config.router.overload_retry_after_s)
             if err is None:
                 logger.exception("internal error on %s", endpoint)
                 err = ServingError(f"internal error: {type(e).__name__}")

@@ -188,6 +188,9 @@ class ServeOptions(_Frozen):
     num_replicas: Optional[int] = Field(default=None, ge=1)  # fixed count; None = autoscaling
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     max_ongoing_requests: int = Field(default=256, ge=1)
+    # Requests the router holds for this model beyond its replicas' max_ongoing_requests; past that
+    # the router answers 503 with Retry-After at once (Serve's back-pressure), never an unbounded queue.
+    max_queued_requests: int = Field(default=1024, ge=1)
     # Health check period; the check pings every rank.
     health_check_period_s: float = Field(default=10.0, gt=0)
     # Hourly price of one replica's hardware (all ranks), for the cost-per-token metrics; 0 = none.
@@ -233,6 +236,8 @@ class RouterConfig(_Frozen):
     max_ongoing_requests: int = Field(default=512, ge=1)
     # Requests queued at the proxy beyond max_ongoing_requests; past this Serve answers 503.
     max_queued_requests: int = Field(default=2048, ge=1)
+    # The Retry-After (seconds) of a 503 for a request refused because a queue is full.
+    overload_retry_after_s: float = Field(default=1.0, ge=0)
     # Seconds a request may wait for its first token before the router gives up with 503.
     request_timeout_s: float = Field(default=600.0, gt=0)
     # How the router's handles reach the LLM servers and cache partitions: "grpc" (Serve's
