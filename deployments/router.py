@@ -22,14 +22,16 @@ from ray.serve.handle import DeploymentHandle
 from serving.config import AppConfig
 from serving.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
+from deployments.openapi import operation, publish
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
-    CompletionRequest, CompletionResponse, DetokenizeRequest, GenerationOutput, ModelCard, ModelList, ParamError,
-    TokenizeChatRequest, TokenizeCompletionRequest, unique_id,
+    CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, GenerationOutput, ModelCard,
+    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, invalid_request, unique_id,
 )
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None)
+publish(api)
 
 
 def as_serving_error(e: BaseException) -> Optional[ServingError]:
@@ -43,16 +45,6 @@ def as_serving_error(e: BaseException) -> Optional[ServingError]:
 def error_response(err: ServingError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
     return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
-
-
-def _validation_error(e: ValidationError) -> InvalidRequestError:
-    first = e.errors()[0]
-    cause = first.get("ctx", {}).get("error")
-    if isinstance(cause, ParamError):  # a check across fields names its field itself
-        param = cause.param
-    else:
-        param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
-    return InvalidRequestError(f"{first.get('msg', 'invalid request')} (param: {param})", param=param)
 
 
 def _router_telemetry():
@@ -94,23 +86,25 @@ class Router:
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=operation((CompletionRequest,), CompletionResponse, stream=True))
     async def http_completions(self, raw: Request):
         return await self._http(raw, CompletionRequest, "/v1/completions")
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions",
+              openapi_extra=operation((ChatCompletionRequest,), ChatCompletionResponse, stream=True))
     async def http_chat(self, raw: Request):
         return await self._http(raw, ChatCompletionRequest, "/v1/chat/completions")
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=operation((TokenizeCompletionRequest, TokenizeChatRequest),
+                                                   TokenizeResponse, errors=(400, 404)))
     async def http_tokenize(self, raw: Request):
         return await self._http(raw, None, "/tokenize")
 
-    @api.post("/detokenize")
+    @api.post("/detokenize", openapi_extra=operation((DetokenizeRequest,), DetokenizeResponse, errors=(400, 404)))
     async def http_detokenize(self, raw: Request):
         return await self._http(raw, DetokenizeRequest, "/detokenize")
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", openapi_extra=operation(response=ModelList, errors=()))
     async def http_models(self):
         return JSONResponse((await self.models()).model_dump())
 
@@ -136,7 +130,7 @@ class Router:
             try:
                 request = model_cls.model_validate(body)
             except ValidationError as e:
-                raise _validation_error(e)
+                raise invalid_request(model_cls, e)
             if endpoint in ("/tokenize", "/detokenize"):
                 return JSONResponse(await self._tokenizer_call(request))
             if not request.stream:
@@ -172,7 +166,7 @@ class Router:
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         if isinstance(request, DetokenizeRequest):
-            return {"prompt": await handle.detokenize.remote(request.tokens)}
+            return DetokenizeResponse(prompt=await handle.detokenize.remote(request.tokens)).model_dump()
         return await handle.tokenize_only.remote(request)
 
     async def models(self) -> ModelList:
@@ -255,7 +249,7 @@ class Router:
         handle = self.llms.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
-        return await handle.detokenize.remote(request.prompt)
+        return await handle.detokenize.remote(request.prompt, param="prompt")
 
     def _cache_lookup_args(self, request: AnyRequest):
         """(key, query text, policy) when the cache may be read or written for `request`, else None."""

@@ -125,6 +125,8 @@ BAD = [
     ("/v1/chat/completions", {"model": TINY_NAME}, 400),
     ("/v1/chat/completions", {"model": TINY_NAME, "messages": []}, 400),
     ("/v1/chat/completions", {"model": TINY_NAME, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    # found by the schemathesis run (a 500 before): a non-text content part to /tokenize
+    ("/tokenize", {"model": TINY_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
 ]
 
 
@@ -138,3 +140,18 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(llm_app, path, 
     ok = httpx.post(llm_app + "/v1/completions", timeout=60,
                     json={"model": TINY_NAME, "prompt": "ok", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 5e-324}, {"repetition_penalty": 5e-324}])
+def test_extreme_sampling_values_keep_the_engine_up(llm_app, hf, extra):
+    """Found by the schemathesis run: logits / 5e-324 overflow, and the sampler picked a token past the
+    vocabulary, an IndexError that failed the engine's step (a 503, every request in it lost)."""
+    ids = hf[1]("Hello").input_ids
+    body = {"model": TINY_NAME, "prompt": "Hello", "max_tokens": 4, "return_token_ids": True, "seed": 1,
+            "cache": {"skip": True, "no_store": True}, **extra}
+    r = httpx.post(llm_app + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["token_ids"]
+    assert 1 <= len(tokens) <= 4 and all(0 <= t < len(hf[1]) for t in tokens)
+    if "temperature" in extra:  # below MIN_TEMPERATURE: greedy
+        assert tokens == hf_greedy(hf, ids, 4)
