@@ -20,13 +20,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.config import AppConfig
-from serving.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError
+from serving.errors import ContextLengthError, ModelNotFoundError, ServingError, UnavailableError
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
 from deployments.openapi import operation, publish
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
     CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, GenerationOutput, ModelCard,
-    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, invalid_request, unique_id,
+    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, invalid_request, request_body,
+    unique_id,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -119,12 +120,7 @@ class Router:
     async def _http(self, raw: Request, model_cls, endpoint: str):
         status = 200
         try:
-            try:
-                body = await raw.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InvalidRequestError("the request body is not valid JSON")
-            if not isinstance(body, dict):
-                raise InvalidRequestError("the request body must be a JSON object")
+            body = request_body(await raw.body())
             if model_cls is None:  # /tokenize: a chat body has messages, as vLLM tells them apart
                 model_cls = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
             try:

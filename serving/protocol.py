@@ -7,6 +7,7 @@ deployment handles, so a Python caller and an HTTP caller see one API.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,6 +53,27 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+def request_body(raw: bytes) -> dict:
+    """The JSON object an HTTP request's body holds; an `InvalidRequestError` for anything else."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    # NOTE: JSON can hold half a surrogate pair ("\ud800", or its raw bytes, which json.loads lets
+    # through), and no UTF-8 text can: the tokenizer, and the error body that echoes it, would fail.
+    # Only a body with an escape or such bytes can hold one; only that body is encoded to check.
+    if b"\\u" in raw or b"\xed" in raw:
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the request body holds a lone surrogate, which is not Unicode text") from None
+    return body
 
 
 def invalid_request(model: type[BaseModel], e: ValidationError) -> InvalidRequestError:

@@ -1,10 +1,12 @@
-"""The OpenAI request models: unknown or unsupported parameters are errors, neutral values pass."""
+"""The OpenAI request models: unknown or unsupported parameters are errors, neutral values pass; a
+body that is no JSON object of text, or a value a model rejects, is a 400 naming its parameter."""
 
 import pytest
 from pydantic import ValidationError
 
+from serving.errors import InvalidRequestError
 from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
-                              invalid_request)
+                              invalid_request, request_body)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -153,3 +155,19 @@ def test_a_400_names_its_parameter_as_a_field_path(cls, body, param):
         cls.model_validate({"model": "m", **body})
     err = invalid_request(cls, e.value)
     assert err.param == param and err.status_code == 400 and f"(param: {param})" in err.message
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"{not json", "not valid JSON"), (b"\xff{}", "not valid JSON"), (b'["a list"]', "must be a JSON object"),
+    (b"[" * 100_000, "nested too deeply"),  # a RecursionError (a 500) before
+    (b'{"prompt": "\\ud800"}', "lone surrogate"),  # the tokenizer failed on it (a 500) before
+    (b'{"model": "\\uDFFF"}', "lone surrogate"),  # so did the error body that names the model
+    (b'{"prompt": "\xed\xa0\x80"}', "lone surrogate"),  # its raw bytes, which json.loads lets through
+])
+def test_a_body_that_is_no_json_object_of_text_is_a_400(raw, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        request_body(raw)
+
+
+def test_a_body_of_text_passes():
+    assert request_body(b'{"prompt": "\\ud83d\\ude00 \xed\x95\x9c \\u00e9"}') == {"prompt": "\U0001F600 \ud55c \xe9"}

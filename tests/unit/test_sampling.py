@@ -237,3 +237,14 @@ def test_a_temperature_near_zero_is_greedy(temperature):
     assert params.is_greedy and temperature < MIN_TEMPERATURE
     kept_up = request_sampling_params(CompletionRequest(model="m", prompt="x", temperature=MIN_TEMPERATURE), 4, ())
     assert kept_up.temperature == MIN_TEMPERATURE
+
+
+def test_a_top_k_past_any_vocabulary_is_off():
+    """Found probing: top_k 2**64 overflowed the step's int64 tensor, which failed the whole step."""
+    from serving.protocol import CompletionRequest
+    from serving.sampling import MAX_TOP_K, request_sampling_params
+
+    for top_k, expected in ((2**64, -1), (MAX_TOP_K + 1, -1), (MAX_TOP_K, MAX_TOP_K), (5, 5)):
+        assert request_sampling_params(CompletionRequest(model="m", prompt="x", top_k=top_k), 4, ()).top_k == expected
+    tokens = sample(Sampler(), random_logits(2), top_k=MAX_TOP_K, top_p=0.5)
+    assert all(0 <= t < VOCAB for t in tokens)
