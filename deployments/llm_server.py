@@ -172,13 +172,13 @@ class LLMServer:
         return TokenizeResponse(count=len(ids), max_model_len=self.info.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump()
 
-    async def detokenize(self, token_ids: list[int]) -> str:
-        """vLLM's /detokenize (and the text of a token-id prompt for `echo`)."""
+    async def detokenize(self, token_ids: list[int], param: str = "tokens") -> str:
+        """vLLM's /detokenize (and the text of a token-id prompt for `echo`); an error names `param`."""
         from serving.errors import InvalidRequestError
 
         bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param="tokens")
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary", param=param)
         return self.tokenizer.decode(token_ids)
 
     async def model_card(self) -> dict:

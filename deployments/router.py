@@ -26,19 +26,21 @@ from ray.serve.handle import DeploymentHandle
 from serving.auth import ApiKeys, cache_tenant, load_api_keys
 from serving.breaker import CircuitBreaker
 from serving.config import AppConfig
-from serving.errors import (
-    AuthenticationError, ContextLengthError, InvalidRequestError, ModelNotFoundError, ServingError, UnavailableError,
-)
+from serving.errors import AuthenticationError, ContextLengthError, ModelNotFoundError, ServingError, UnavailableError
 from serving.limits import check_limits, read_body
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
+from deployments.openapi import operation, publish
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
-    CompletionRequest, CompletionResponse, DetokenizeRequest, GenerationOutput, ModelCard, ModelList, ParamError,
-    TokenizeChatRequest, TokenizeCompletionRequest, unique_id,
+    CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, GenerationOutput, ModelCard,
+    ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, invalid_request, request_body,
+    unique_id,
 )
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None, openapi_url=None)
+# NOTE: /openapi.json is served without an API key: it describes the API and holds nothing secret
+api = FastAPI(title="ray-llm-serving", docs_url=None, redoc_url=None)
+publish(api)
 
 
 def as_serving_error(e: BaseException, retry_after_s: float = 1.0) -> Optional[ServingError]:
@@ -60,16 +62,6 @@ def error_response(err: ServingError) -> JSONResponse:
     if isinstance(err, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: a 401 names the scheme it wants
     return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers or None)
-
-
-def _validation_error(e: ValidationError) -> InvalidRequestError:
-    first = e.errors()[0]
-    cause = first.get("ctx", {}).get("error")
-    if isinstance(cause, ParamError):  # a check across fields names its field itself
-        param = cause.param
-    else:
-        param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
-    return InvalidRequestError(f"{first.get('msg', 'invalid request')} (param: {param})", param=param)
 
 
 def replica_died(e: BaseException) -> bool:
@@ -129,23 +121,25 @@ class Router:
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=operation((CompletionRequest,), CompletionResponse, stream=True))
     async def http_completions(self, raw: Request):
         return await self._http(raw, CompletionRequest, "/v1/completions")
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions",
+              openapi_extra=operation((ChatCompletionRequest,), ChatCompletionResponse, stream=True))
     async def http_chat(self, raw: Request):
         return await self._http(raw, ChatCompletionRequest, "/v1/chat/completions")
 
-    @api.post("/tokenize")
+    @api.post("/tokenize", openapi_extra=operation((TokenizeCompletionRequest, TokenizeChatRequest),
+                                                   TokenizeResponse, errors=(400, 404)))
     async def http_tokenize(self, raw: Request):
         return await self._http(raw, None, "/tokenize")
 
-    @api.post("/detokenize")
+    @api.post("/detokenize", openapi_extra=operation((DetokenizeRequest,), DetokenizeResponse, errors=(400, 404)))
     async def http_detokenize(self, raw: Request):
         return await self._http(raw, DetokenizeRequest, "/detokenize")
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", openapi_extra=operation(response=ModelList, errors=()))
     async def http_models(self, raw: Request):
         try:
             self._tenant_of_key(raw)
@@ -172,19 +166,14 @@ class Router:
         try:
             tenant_of_key = self._tenant_of_key(raw)  # NOTE: before the body is read
             limits = self.config.router.limits
-            raw_body = await read_body(raw.stream(), raw.headers.get("content-length"), limits.max_body_bytes)
-            try:
-                body = json.loads(raw_body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InvalidRequestError("the request body is not valid JSON")
-            if not isinstance(body, dict):
-                raise InvalidRequestError("the request body must be a JSON object")
+            body = request_body(await read_body(raw.stream(), raw.headers.get("content-length"),
+                                                limits.max_body_bytes))
             if model_cls is None:  # /tokenize: a chat body has messages, as vLLM tells them apart
                 model_cls = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
             try:
                 request = model_cls.model_validate(body)
             except ValidationError as e:
-                raise _validation_error(e)
+                raise invalid_request(model_cls, e)
             if endpoint != "/detokenize":
                 check_limits(request, limits)
             if endpoint in ("/tokenize", "/detokenize"):
@@ -224,7 +213,7 @@ class Router:
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         if isinstance(request, DetokenizeRequest):
-            return {"prompt": await handle.detokenize.remote(request.tokens)}
+            return DetokenizeResponse(prompt=await handle.detokenize.remote(request.tokens)).model_dump()
         return await handle.tokenize_only.remote(request)
 
     async def models(self) -> ModelList:
@@ -318,7 +307,7 @@ class Router:
         handle = self.llms.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
-        return await handle.detokenize.remote(request.prompt)
+        return await handle.detokenize.remote(request.prompt, param="prompt")
 
     def _cache_lookup_args(self, request: AnyRequest, tenant: Optional[str]):
         """(key, query text, policy) when the cache may be read or written for `request`, else None."""

@@ -7,13 +7,15 @@ deployment handles, so a Python caller and an HTTP caller see one API.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from serving.errors import InvalidRequestError
 from serving.structured import JsonSpec, parse_response_format
 
 
@@ -53,6 +55,57 @@ class ParamError(ValueError):
         self.param = param
 
 
+def request_body(raw: bytes) -> dict:
+    """The JSON object an HTTP request's body holds; an `InvalidRequestError` for anything else."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    # NOTE: JSON can hold half a surrogate pair ("\ud800", or its raw bytes, which json.loads lets
+    # through), and no UTF-8 text can: the tokenizer, and the error body that echoes it, would fail.
+    # Only a body with an escape or such bytes can hold one; only that body is encoded to check.
+    if b"\\u" in raw or b"\xed" in raw:
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the request body holds a lone surrogate, which is not Unicode text") from None
+    return body
+
+
+def invalid_request(model: type[BaseModel], e: ValidationError) -> InvalidRequestError:
+    """The 400 for a body that `model` rejected, naming the parameter as a dotted field path."""
+    # NOTE: each member of a union reports its error; the deepest went furthest into the input
+    error = max(e.errors(), key=lambda err: len(err.get("loc", ())))
+    cause = error.get("ctx", {}).get("error")
+    param = cause.param if isinstance(cause, ParamError) else _field_path(model, error)
+    return InvalidRequestError(f"{error.get('msg', 'invalid request')} (param: {param})", param=param)
+
+
+def _field_path(model: type[BaseModel], error: dict) -> Optional[str]:
+    """`messages.content` for an error at ("messages", 0, "content", "str"): list indices, dict keys
+    and a union member's tag (`str`, `list[int]`) are no fields; an unknown field is named."""
+    names = []
+    for part in error.get("loc", ()):
+        fields = getattr(model, "model_fields", None) or {}
+        if part in fields:
+            names.append(part)
+            model = _model_in(fields[part].annotation)
+    if error.get("type") == "extra_forbidden" and error.get("loc"):
+        names.append(str(error["loc"][-1]))
+    return ".".join(names) or None
+
+
+def _model_in(annotation) -> Optional[type[BaseModel]]:
+    """The pydantic model inside a field's type (`Optional[list[ChatMessage]]` -> ChatMessage), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+
+
 # Parameters OpenAI defines that we accept only at a neutral value (None always is); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
     "best_of": (1,),
@@ -73,6 +126,7 @@ _EXTENSION_DEFAULTS: dict[str, Any] = {
     "skip_special_tokens": True,
 }
 
+TokenId = Annotated[int, Field(ge=0)]  # and below the model's vocabulary size, which the engine checks
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # top log-probabilities per token (vLLM's default limit; OpenAI's is 20 for chat)
 
@@ -99,7 +153,7 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(default=0, ge=0)  # no EOS, stop token or stop string before this many tokens
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    stop_token_ids: Optional[list[int]] = None  # more tokens that end the output (not in its text)
+    stop_token_ids: Optional[list[TokenId]] = None  # more tokens that end the output (not in its text)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Structured output (serving/structured): text, json_object or json_schema; validated into _json_spec.
@@ -207,7 +261,7 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[TokenId]]
     echo: bool = False  # the prompt before the completion (and its tokens' log-probabilities)
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -227,21 +281,26 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs if self.echo else None
 
 
+class TextContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict]]
+    content: Union[str, list[TextContentPart]]
     name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in v):
+            raise ValueError("only text content parts are supported")  # clearer than the union's errors
+        return v
 
     @property
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -257,9 +316,7 @@ class ChatCompletionRequest(_SamplingFields):
         return False if v is None else v
 
     @model_validator(mode="after")
-    def _messages(self):
-        for m in self.messages:
-            _ = m.text  # raises for non-text parts
+    def _max_tokens_and_logprobs(self):
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
@@ -306,7 +363,11 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Strict):
     model: str
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Usage(BaseModel):

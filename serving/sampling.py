@@ -15,6 +15,13 @@ import torch
 from serving.structured import JsonSpec
 
 
+# Below this, a temperature samples as greedy (as vLLM does): logits / t would overflow float32 near 0,
+# and the distribution is already all but one-hot.
+MIN_TEMPERATURE = 1e-5
+# A top_k past any vocabulary keeps every token, as -1 does; as -1 it also fits the int64 tensors of a step.
+MAX_TOP_K = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -53,9 +60,10 @@ def request_sampling_params(request, max_tokens: int, eos_token_ids: tuple[int, 
     request, one choice of it (the router sends each of n choices as its own request)."""
     stop_ids = tuple(request.stop_token_ids or ()) + (() if request.ignore_eos else tuple(eos_token_ids))
     return SamplingParams(
-        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-        min_p=request.min_p, seed=request.seed, stop=tuple(request.stop_list),
-        stop_token_ids=tuple(dict.fromkeys(stop_ids)), min_tokens=request.min_tokens,
+        max_tokens=max_tokens, temperature=request.temperature if request.temperature >= MIN_TEMPERATURE else 0.0,
+        top_p=request.top_p, top_k=request.top_k if request.top_k <= MAX_TOP_K else -1, min_p=request.min_p,
+        seed=request.seed, stop=tuple(request.stop_list), stop_token_ids=tuple(dict.fromkeys(stop_ids)),
+        min_tokens=request.min_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens, repetition_penalty=request.repetition_penalty,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
@@ -106,7 +114,9 @@ def inverse_cdf_sample(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     total = cdf[:, -1:]  # [N, 1]
     # NOTE: x < total, so a zero-probability candidate (a flat step of the cdf) is never picked, even as u -> 1
     x = torch.minimum(uniforms[:, None] * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True)[:, 0]
+    # NOTE: a row whose cdf is NaN (an infinite logit, e.g. from a repetition penalty near 0) would pick
+    # past its end; clamped, it gets a meaningless but valid token and the step goes on for every row
+    return torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
 
 class Sampler:

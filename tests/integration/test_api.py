@@ -125,10 +125,19 @@ BAD = [
     ("/v1/chat/completions", {"model": TINY_NAME}, 400),
     ("/v1/chat/completions", {"model": TINY_NAME, "messages": []}, 400),
     ("/v1/chat/completions", {"model": TINY_NAME, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    # found by the schemathesis run (a 500 before): a non-text content part to /tokenize
+    ("/tokenize", {"model": TINY_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+    # found probing what the schema allows past the fuzzer's reach (500s before): half a surrogate pair in
+    # a prompt (the tokenizer failed) or in the model's name (so did the error body), nesting past recursion
+    ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800"}' % TINY_NAME.encode(), 400),
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'
+     % TINY_NAME.encode(), 400),
+    ("/v1/completions", b'{"model": "\\udfff", "prompt": "x"}', 400),
+    ("/v1/completions", b"[" * 100_000, 400),
 ]
 
 
-@pytest.mark.parametrize("path,body,status", BAD)
+@pytest.mark.parametrize("path,body,status", BAD, ids=lambda v: repr(v[:30]) if isinstance(v, bytes) else None)
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(llm_app, path, body, status):
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(llm_app + path, timeout=60, **kw)
@@ -138,3 +147,20 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(llm_app, path, 
     ok = httpx.post(llm_app + "/v1/completions", timeout=60,
                     json={"model": TINY_NAME, "prompt": "ok", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 5e-324}, {"repetition_penalty": 5e-324},
+                                   {"top_k": 2**64, "top_p": 0.5}])
+def test_extreme_sampling_values_keep_the_engine_up(llm_app, hf, extra):
+    """Found by the schemathesis run: logits / 5e-324 overflow, and the sampler picked a token past the
+    vocabulary, an IndexError that failed the engine's step (a 503, every request in it lost). Found
+    probing: a top_k past int64 overflowed the step's tensor, the same 503."""
+    ids = hf[1]("Hello").input_ids
+    body = {"model": TINY_NAME, "prompt": "Hello", "max_tokens": 4, "return_token_ids": True, "seed": 1,
+            "cache": {"skip": True, "no_store": True}, **extra}
+    r = httpx.post(llm_app + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["token_ids"]
+    assert 1 <= len(tokens) <= 4 and all(0 <= t < len(hf[1]) for t in tokens)
+    if "temperature" in extra:  # below MIN_TEMPERATURE: greedy
+        assert tokens == hf_greedy(hf, ids, 4)

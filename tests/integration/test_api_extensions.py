@@ -220,6 +220,7 @@ def test_tokenize_and_detokenize(llm_app, hf):
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 500}}, "logit_bias"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": [10 ** 6], "echo": True}, "prompt"),  # found by the schemathesis run: it said "tokens"
     ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"logprobs": 99}, "logprobs"),
     ({"tools": [{"type": "function"}]}, "tools"),

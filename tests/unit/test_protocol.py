@@ -1,9 +1,12 @@
-"""The OpenAI request models: unknown or unsupported parameters are errors, neutral values pass."""
+"""The OpenAI request models: unknown or unsupported parameters are errors, neutral values pass; a
+body that is no JSON object of text, or a value a model rejects, is a 400 naming its parameter."""
 
 import pytest
 from pydantic import ValidationError
 
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.errors import InvalidRequestError
+from serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                              invalid_request, request_body)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -120,6 +123,9 @@ def test_chat_content_parts():
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(ValidationError):
         chat(messages=[{"role": "robot", "content": "hi"}])
+    # found by the schemathesis run: /tokenize read a non-text part only after validation (a 500)
+    with pytest.raises(ValidationError, match="only text content"):
+        TokenizeChatRequest(model="m", messages=[{"role": "user", "content": [{}]}])
 
 
 def test_stream_options_and_cache_control():
@@ -131,3 +137,37 @@ def test_stream_options_and_cache_control():
 
 def test_chat_logprobs_false_is_neutral():
     assert chat(logprobs=False).logprobs in (False, None)
+
+
+@pytest.mark.parametrize("cls,body,param", [
+    (CompletionRequest, {"prompt": [-1]}, "prompt"),  # not `prompt.str`: a union member's tag is no field
+    (CompletionRequest, {"prompt": "x", "stop": 5}, "stop"),
+    (CompletionRequest, {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),  # nor a dict key
+    (CompletionRequest, {"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    (CompletionRequest, {"prompt": "x", "stream_options": {"x": 1}}, "stream_options.x"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.content.text"),
+    (ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.role"),
+    (DetokenizeRequest, {"tokens": [3, -1]}, "tokens"),
+])
+def test_a_400_names_its_parameter_as_a_field_path(cls, body, param):
+    with pytest.raises(ValidationError) as e:
+        cls.model_validate({"model": "m", **body})
+    err = invalid_request(cls, e.value)
+    assert err.param == param and err.status_code == 400 and f"(param: {param})" in err.message
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"{not json", "not valid JSON"), (b"\xff{}", "not valid JSON"), (b'["a list"]', "must be a JSON object"),
+    (b"[" * 100_000, "nested too deeply"),  # a RecursionError (a 500) before
+    (b'{"prompt": "\\ud800"}', "lone surrogate"),  # the tokenizer failed on it (a 500) before
+    (b'{"model": "\\uDFFF"}', "lone surrogate"),  # so did the error body that names the model
+    (b'{"prompt": "\xed\xa0\x80"}', "lone surrogate"),  # its raw bytes, which json.loads lets through
+])
+def test_a_body_that_is_no_json_object_of_text_is_a_400(raw, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        request_body(raw)
+
+
+def test_a_body_of_text_passes():
+    assert request_body(b'{"prompt": "\\ud83d\\ude00 \xed\x95\x9c \\u00e9"}') == {"prompt": "\U0001F600 \ud55c \xe9"}

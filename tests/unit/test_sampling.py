@@ -213,3 +213,38 @@ def test_rows_of_one_batch_keep_their_own_settings():
         for row, token in zip(seen, tokens):
             row.add(token)
     assert seen == [{1}, {1, 3}, {1, 3}, {0, 1, 2, 3}]
+
+
+def test_a_non_finite_row_gets_a_valid_token_and_its_batch_goes_on():
+    """Found by the schemathesis run: a repetition penalty near 0 makes a logit infinite, its row's
+    cdf NaN, and the pick one past the row's end (an IndexError that failed the whole step)."""
+    logits = random_logits(3, seed=7)
+    logits[1, 4] = math.inf
+    for top_k in (-1, 5):
+        tokens = sample(Sampler(), logits.clone(), top_k=top_k)
+        assert all(0 <= t < VOCAB for t in tokens), tokens
+    assert inverse_cdf_sample(torch.full((2, 4), math.nan), torch.tensor([0.1, 0.9])).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-6])
+def test_a_temperature_near_zero_is_greedy(temperature):
+    """Found by the schemathesis run: logits / 5e-324 overflow float32, so its rows picked a token
+    outside the vocabulary; below MIN_TEMPERATURE a request samples as greedy."""
+    from serving.protocol import CompletionRequest
+    from serving.sampling import MIN_TEMPERATURE, request_sampling_params
+
+    params = request_sampling_params(CompletionRequest(model="m", prompt="x", temperature=temperature), 4, ())
+    assert params.is_greedy and temperature < MIN_TEMPERATURE
+    kept_up = request_sampling_params(CompletionRequest(model="m", prompt="x", temperature=MIN_TEMPERATURE), 4, ())
+    assert kept_up.temperature == MIN_TEMPERATURE
+
+
+def test_a_top_k_past_any_vocabulary_is_off():
+    """Found probing: top_k 2**64 overflowed the step's int64 tensor, which failed the whole step."""
+    from serving.protocol import CompletionRequest
+    from serving.sampling import MAX_TOP_K, request_sampling_params
+
+    for top_k, expected in ((2**64, -1), (MAX_TOP_K + 1, -1), (MAX_TOP_K, MAX_TOP_K), (5, 5)):
+        assert request_sampling_params(CompletionRequest(model="m", prompt="x", top_k=top_k), 4, ()).top_k == expected
+    tokens = sample(Sampler(), random_logits(2), top_k=MAX_TOP_K, top_p=0.5)
+    assert all(0 <= t < VOCAB for t in tokens)
