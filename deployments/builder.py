@@ -35,10 +35,14 @@ def build_app(config: AppConfig) -> serve.Application:
         opts = LLMServer.deployment_options(llm, resolve_device(llm))
         llms[name] = LLMServerDeployment.options(name=f"LLMServer:{name}", logging_config=logging, **opts).bind(llm)
     caches = cache_partitions(config.cache, logging) if config.cache.enabled else []
+    # NOTE: a redeploy replaces the router too: its streams must outlive the LLM servers' drains
+    shutdown = {"graceful_shutdown_timeout_s": max(m.serve.graceful_shutdown_timeout_s for m in config.models),
+                "graceful_shutdown_wait_loop_s": min(m.serve.graceful_shutdown_wait_loop_s for m in config.models)}
     return Router.options(num_replicas=config.router.num_replicas, logging_config=logging,
                           ray_actor_options={"num_cpus": config.router.num_cpus},
                           max_ongoing_requests=config.router.max_ongoing_requests,
-                          max_queued_requests=config.router.max_queued_requests).bind(llms, caches, config)
+                          max_queued_requests=config.router.max_queued_requests,
+                          **shutdown).bind(llms, caches, config)
 
 
 def app(args: Optional[dict[str, Any]] = None) -> serve.Application:

@@ -99,3 +99,12 @@ def test_speculative_flat_arguments():
     assert not AppConfig.from_flat_args({"speculative_method": "none"}).models[0].speculative.enabled
     with pytest.raises(ValueError):
         AppConfig.from_flat_args({"speculative_method": "medusa"})
+
+
+def test_graceful_shutdown_options_leave_the_requests_a_drain_timeout():
+    serve_opts = AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "30"}).models[0].serve
+    assert serve_opts.graceful_shutdown_timeout_s == 30.0 and serve_opts.graceful_shutdown_wait_loop_s == 2.0
+    assert serve_opts.drain_timeout_s == 30.0 - 2 * 2.0 - 3.0  # noticing, Serve's check, the margin
+    assert LLMConfig().serve.drain_timeout_s >= 50  # a long generation on the embedded model fits
+    with pytest.raises(ValueError, match="graceful_shutdown_timeout_s must exceed"):
+        AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "6"})
