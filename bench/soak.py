@@ -1,10 +1,11 @@
 """`python -m bench.soak`: the served stack under steady load for `--minutes`, watching for leaks.
 
 The whole stack (HAProxy or Serve's proxy -> router -> semantic cache -> LLM server -> engine
-process) on the embedded default model, cache on. First a short closed-loop ramp finds saturation
+process) on the embedded default model, cache on with a small capacity (`--cache-capacity-mib`), so
+that it is full and evicting before minute 1 and its growth after that is not new entries. First a short closed-loop ramp finds saturation
 (the lowest concurrency reaching 90% of the best output tokens/s, `bench.report.knee`), unless
 `--concurrency` is given; then closed-loop clients at 80% of it send fresh prompts (cache misses)
-and, a `--repeat-fraction` of the time, a prompt sent before (a hit), for `--minutes`.
+and, a `--repeat-fraction` of the time, a recent prompt again (a hit), for `--minutes`.
 
 Every `--sample-s` it records the resident memory (RSS) of every process of the stack. At the end
 it prints, per process, RSS at minute 1 and at the end and the growth, and per minute the requests,
@@ -25,13 +26,14 @@ from typing import Iterator, Optional, Sequence
 
 from bench import cpu, rawhttp, report, workload
 from bench.client import RequestResult, wait_ready
-from bench.harness import INGRESS_HELP, INGRESSES, deploy, floats, resolve_model, serve_env, serving_cluster, \
-    token_counter
+from bench.harness import (INGRESS_HELP, INGRESSES, deploy, floats, llm_stats, resolve_model, serve_env,
+                           serving_cluster, token_counter)
 
 # Labels (bench.cpu) of the stack's processes: Serve's controller and proxy, HAProxy, the replicas
 # (router, cache partitions, LLM servers), engine processes, further ranks and draft workers.
 STACK = ("ServeController", "ProxyActor", "haproxy", "ServeReplica:", "EngineProcess", "TPWorker", "DraftWorker")
 BASELINE_S = 60.0  # growth is measured from the first sample at or after minute 1: start-up is over
+REPEAT_WINDOW = 100  # repeats come from the last fresh prompts, which a full cache still holds
 SATURATED_GAIN = 1.10  # the ramp stops at a point that adds less than 10% to the best tokens/s
 Samples = list[tuple[float, dict[int, tuple[str, int]]]]  # (seconds into the soak, pid -> (label, RSS bytes))
 
@@ -48,9 +50,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeat-fraction", type=float, default=0.2, help="share of requests repeating a prompt")
     p.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples")
     p.add_argument("--growth-limit", type=float, default=5.0, help="RSS growth (%%) from minute 1 that fails")
+    p.add_argument("--cache-capacity-mib", type=float, default=8.0,
+                   help="the cache's capacity: small, so it is full and evicting before minute 1")
     p.add_argument("--model", help="HF model folder (default: the app's default, the embedded target)")
     p.add_argument("--ours-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="flat AppConfig argument (repeatable); cache=true is set first")
+                   help="flat AppConfig argument (repeatable); cache=true and the capacity are set first")
     p.add_argument("--ingress", choices=INGRESSES, default="haproxy", help=INGRESS_HELP)
     p.add_argument("--num-cpus", type=int, default=max(2, os.cpu_count() or 2), help="CPUs of the Ray cluster")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
@@ -66,12 +70,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def prompts(seed: int, prompt_tokens: int, max_tokens: int, repeat_fraction: float,
             count=None) -> Iterator[workload.BenchRequest]:
-    """Endless requests: a fresh prompt, or with probability `repeat_fraction` one sent before."""
+    """Endless requests: a fresh prompt, or with probability `repeat_fraction` one of the last
+    REPEAT_WINDOW fresh ones."""
     rng = random.Random(seed)
     sent: list[str] = []
     while True:
         if sent and rng.random() < repeat_fraction:
-            prompt = rng.choice(sent)
+            prompt = rng.choice(sent[-REPEAT_WINDOW:])
         else:
             prompt = workload.make_prompt(rng, prompt_tokens, count)
             sent.append(prompt)
@@ -87,6 +92,14 @@ async def sample_memory(samples: Samples, period_s: float, t0: float) -> None:
     while True:
         samples.append((time.perf_counter() - t0, stack_processes()))
         await asyncio.sleep(period_s)
+
+
+def cache_stats(target: str) -> list[dict]:
+    """`SemanticCache.stats()` of each cache partition of the target."""
+    from ray import serve
+
+    names = [d for d in serve.status().applications[target].deployments if d.startswith("SemanticCache")]
+    return [serve.get_deployment_handle(n, app_name=target).stats.remote().result(timeout_s=30) for n in names]
 
 
 def growth(samples: Samples, from_s: float = BASELINE_S) -> list[dict]:
@@ -165,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_path = resolve_model(args.model)
     count, _ = token_counter(model_path)
     requests = prompts(args.seed, args.prompt_tokens, args.max_tokens, args.repeat_fraction, count)
-    deploy_args = argparse.Namespace(ours_arg=["cache=true", *args.ours_arg])
+    capacity = f"cache_capacity_bytes={int(args.cache_capacity_mib * 2**20)}"
+    deploy_args = argparse.Namespace(ours_arg=["cache=true", capacity, *args.ours_arg])
     meta: dict = {}
     started = time.strftime("%Y-%m-%d %H:%M")
     with serving_cluster(args.num_cpus, args.ingress, args.verbose) as port:
@@ -178,7 +192,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             saturation, ramp_rows = ramp(url, model, requests, args)
             concurrency = max(1, round(0.8 * saturation))
         print(f"soak: {concurrency} clients for {args.minutes:g} min ...", flush=True)
+        before = llm_stats("ours")["num_requests"]
         run, samples = asyncio.run(soak(url, model, requests, concurrency, args))
+        num_hits = len(run.results) - (llm_stats("ours")["num_requests"] - before)  # NOTE: never reached the model
+        caches = cache_stats("ours")
     memory = growth(samples)
     minutes = per_minute(run.results, run.duration_s)
     num_errors = sum(not r.ok for r in run.results)
@@ -189,8 +206,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{100 * args.repeat_fraction:.0f}% repeats; RSS every {args.sample_s:g} s ({len(samples)} samples)")
     if ramp_rows:
         print("- ramp (out tok/s): " + ", ".join(f"{r['load']:g}: {r['output_tokens_per_s']:.1f}" for r in ramp_rows))
-    print(f"- requests sent {len(run.results)}, errors {num_errors}"
+    print(f"- requests sent {len(run.results)}, cache hits {num_hits}, errors {num_errors}"
           + (f" (first: {next(r.error for r in run.results if not r.ok)})" if num_errors else ""))
+    for c in caches:
+        print(f"- cache partition {c['cache_partition']} at the end: {c['cache_entries']} entries, "
+              f"{c['cache_bytes'] / 2**20:.1f} of {c['cache_capacity_bytes'] / 2**20:.1f} MiB, "
+              f"{c['cache_evictions_total']} evictions")
     print("\n| process | pid | RSS minute 1 (MiB) | RSS end (MiB) | growth |\n|---|---|---|---|---|")
     mib = lambda b: "—" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
     for row in memory:

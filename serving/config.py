@@ -327,6 +327,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "cache": ("cache", "enabled"),
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),
+    "cache_capacity_bytes": ("cache", "capacity_bytes"),
     "router_replicas": ("router", "num_replicas"),
     "handle_transport": ("router", "handle_transport"),
     "access_log": ("app", "access_log"),

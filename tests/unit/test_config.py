@@ -101,6 +101,10 @@ def test_speculative_flat_arguments():
         AppConfig.from_flat_args({"speculative_method": "medusa"})
 
 
+def test_cache_capacity_is_a_flat_argument():
+    assert AppConfig.from_flat_args({"cache_capacity_bytes": "8388608"}).cache.capacity_bytes == 8 * 2**20
+
+
 def test_graceful_shutdown_options_leave_the_requests_a_drain_timeout():
     serve_opts = AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "30"}).models[0].serve
     assert serve_opts.graceful_shutdown_timeout_s == 30.0 and serve_opts.graceful_shutdown_wait_loop_s == 2.0
