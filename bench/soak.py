@@ -34,7 +34,7 @@ from bench.harness import (INGRESS_HELP, INGRESSES, deploy, floats, llm_stats, r
 STACK = ("ServeController", "ProxyActor", "haproxy", "ServeReplica:", "EngineProcess", "TPWorker", "DraftWorker")
 BASELINE_S = 60.0  # growth is measured from the first sample at or after minute 1: start-up is over
 REPEAT_WINDOW = 100  # repeats come from the last fresh prompts, which a full cache still holds
-SATURATED_GAIN = 1.10  # the ramp stops at a point that adds less than 10% to the best tokens/s
+SATURATED_GAIN = 1.10  # the ramp stops after two points in a row that add less than 10% to the best tokens/s
 Samples = list[tuple[float, dict[int, tuple[str, int]]]]  # (seconds into the soak, pid -> (label, RSS bytes))
 
 
@@ -146,16 +146,19 @@ def verdict(memory: Sequence[dict], num_errors: int, limit_pct: float) -> list[s
 
 
 def ramp(url: str, model: str, requests, args) -> tuple[int, list[dict]]:
-    """Closed-loop points of `--ramp` until tokens/s stops rising; (the saturation concurrency, rows)."""
+    """Closed-loop points of `--ramp` until tokens/s stops rising; (the saturation concurrency, rows).
+    Two flat points, not one: on a shared machine one point can lose to noise."""
     rows: list[dict] = []
+    num_flat = 0
     for c in (int(x) for x in floats(args.ramp, None, "--ramp")):
         run = asyncio.run(rawhttp.run_closed_loop("ours", url, model, requests, c, args.timeout,
                                                   duration_s=args.ramp_s))
         rows.append(report.summarize(run, 0.0))
         print(f"ramp: concurrency {c}: {rows[-1]['output_tokens_per_s']:.1f} out tok/s, "
               f"{rows[-1]['num_errors']} errors", flush=True)
-        best = max(r["output_tokens_per_s"] for r in rows[:-1]) if len(rows) > 1 else 0.0
-        if len(rows) > 1 and rows[-1]["output_tokens_per_s"] < SATURATED_GAIN * best:
+        best = max((r["output_tokens_per_s"] for r in rows[:-1]), default=0.0)
+        num_flat = num_flat + 1 if rows[-1]["output_tokens_per_s"] < SATURATED_GAIN * best else 0
+        if num_flat == 2:
             break
     return int(report.knee(rows)["load"]), rows
 

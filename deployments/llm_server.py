@@ -4,7 +4,8 @@ The replica tokenizes, admits and streams; the engine steps in a process of its 
 (`parallel.engine_process.EngineProcess`, rank 0, the default) or, with `engine_process=false`,
 in a thread of the replica (then the replica is rank 0). The placement group has one bundle per
 rank, packed on one node (`deployment_options`): bundle 0 holds the replica and rank 0, bundles
-1..N-1 the other ranks' actors, so Serve's autoscaler asks for whole TP groups.
+1..N-1 the other ranks' actors, so Serve's autoscaler asks for whole TP groups. A replica that Serve
+stops (a redeploy, a scale-down) drains before its engine stops (docs/configuration.md).
 """
 
 from __future__ import annotations
