@@ -93,7 +93,7 @@ async def watch_stopping(seen: list, open_streams) -> None:
 
 
 def test_streams_in_flight_finish_across_a_redeploy_and_new_ones_reach_the_new_replica(base, tiny_model):
-    max_tokens = 400
+    max_tokens = 600  # 8 streams, 2 at a time: still running when the old replica starts to stop
 
     async def main():
         async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
@@ -104,7 +104,9 @@ def test_streams_in_flight_finish_across_a_redeploy_and_new_ones_reach_the_new_r
             watcher = asyncio.create_task(watch_stopping(seen, lambda: sum(not t.done() for t in long)))
             redeploy = asyncio.create_task(asyncio.to_thread(deploy, tiny_model, *SHORT))
             later = []  # new requests keep arriving while the old replica drains and the new one starts
+            deadline = time.monotonic() + 120
             while not redeploy.done():
+                assert time.monotonic() < deadline, "the redeploy did not finish"
                 later.append(asyncio.create_task(stream(client, base, 20)))
                 await asyncio.sleep(0.5)
             await redeploy
@@ -134,7 +136,7 @@ def test_streams_past_the_drain_timeout_end_with_a_clean_503(base, tiny_model):
             first = asyncio.Event()
             tasks = [asyncio.create_task(stream(client, base, max_tokens, first)) for _ in range(8)]
             await asyncio.wait_for(first.wait(), 30)
-            await asyncio.to_thread(deploy, tiny_model, 2, 30.0)
+            await asyncio.wait_for(asyncio.to_thread(deploy, tiny_model, 2, 30.0), 120)
             return await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
     start = time.monotonic()
