@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bench import client, report, workload
 from bench.harness import (INGRESS_HELP, INGRESSES, RESULTS_DIR, build_workload, deploy, drive, floats,
-                           resolve_model, serve_env, serving_cluster, token_counter)
+                           llm_stats, resolve_model, serve_env, serving_cluster, token_counter)
 
 BASELINE_NOTE = ("baseline: static batching (HF generate under @serve.batch); it streams its whole answer as one "
                  "chunk after its batch finished, so its TTFT equals its E2E latency and its ITL is n/a")
@@ -81,13 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def speculation_stats(target: str) -> dict:
     """Per proposer of the target's (first) LLM replica: proposed, accepted, verified rows and the mean
     tokens per verifying step; {} without speculation."""
-    from ray import serve
-
-    status = serve.status().applications[target].deployments
-    name = next(d for d in status if d.startswith("LLMServer"))
-    stats = serve.get_deployment_handle(name, app_name=target).stats.remote().result(timeout_s=30)
     out = {}
-    for key, c in stats.items():
+    for key, c in llm_stats(target).items():
         if key.startswith("spec_") and c["verified_rows"]:
             out[key[5:]] = {**c, "acceptance": c["accepted"] / max(c["proposed"], 1),
                             "tokens_per_verifying_step": (c["accepted"] + c["verified_rows"]) / c["verified_rows"]}

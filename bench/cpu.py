@@ -1,12 +1,16 @@
-"""CPU seconds per process of this machine, grouped by role (Ray actors by their title), so a
-benchmark can say where the serving path spends its CPU. Linux /proc only."""
+"""CPU seconds and resident memory per process of this machine, labelled by role (Ray actors by
+their title), so a benchmark can say where the serving path spends its CPU and whether a process
+grows. Linux /proc only."""
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
+from typing import Optional
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _label(pid: int, cmdline: str) -> str:
@@ -18,9 +22,8 @@ def _label(pid: int, cmdline: str) -> str:
     return exe
 
 
-def snapshot() -> dict[str, float]:
-    """User + system CPU seconds so far of every process, summed per label."""
-    out: dict[str, float] = {}
+def _processes():
+    """(pid, label, the fields of /proc/<pid>/stat after the command name) of every process."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -29,11 +32,33 @@ def snapshot() -> dict[str, float]:
             cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        yield int(d.name), _label(int(d.name), cmdline), stat[stat.rindex(")") + 2:].split()
+
+
+def snapshot() -> dict[str, float]:
+    """User + system CPU seconds so far of every process, summed per label."""
+    out: dict[str, float] = {}
+    for _, label, fields in _processes():
         secs = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-        label = _label(int(d.name), cmdline)
         out[label] = out.get(label, 0.0) + secs
     return out
+
+
+def resident(root: Optional[int] = None) -> dict[int, tuple[str, int]]:
+    """pid -> (label, resident set size in bytes) of every process, or of those descending from
+    `root` (a Ray cluster's processes descend from the driver that started it)."""
+    procs = {pid: (label, fields) for pid, label, fields in _processes()}
+    if root is not None:
+        children = collections.defaultdict(list)
+        for pid, (_, fields) in procs.items():
+            children[int(fields[1])].append(pid)  # ppid
+        keep, todo = set(), [root]
+        while todo:
+            found = children[todo.pop()]
+            keep.update(found)
+            todo += found
+        procs = {pid: v for pid, v in procs.items() if pid in keep}
+    return {pid: (label, int(fields[21]) * _PAGE) for pid, (label, fields) in procs.items()}  # rss, in pages
 
 
 def delta(before: dict[str, float], after: dict[str, float], min_s: float = 0.05) -> dict[str, float]:

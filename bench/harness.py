@@ -130,6 +130,15 @@ def deploy(target: str, args, model_path: str, port: int, meta: dict) -> str:
     return f"http://127.0.0.1:{port}/baseline"
 
 
+def llm_stats(target: str) -> dict:
+    """`LLMServer.stats()` of the target's (first) LLM replica."""
+    from ray import serve
+
+    status = serve.status().applications[target].deployments
+    name = next(d for d in status if d.startswith("LLMServer"))
+    return serve.get_deployment_handle(name, app_name=target).stats.remote().result(timeout_s=30)
+
+
 @contextlib.contextmanager
 def serving_cluster(num_cpus: int, ingress: str = "haproxy", verbose: bool = False):
     """A Ray cluster of `num_cpus` with Serve on a free port of 127.0.0.1; yields the port.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sized
 from urllib.parse import urlsplit
 
 from bench.client import RequestResult, RunResult, _body, _error_text, completions_url
@@ -113,30 +113,33 @@ async def send_completion(conn: Connection, model: str, req: BenchRequest, resul
     return result
 
 
-async def run_closed_loop(target: str, base_url: str, model: str, requests: Sequence[BenchRequest],
-                          concurrency: int, timeout_s: float = 600.0,
-                          extra_body: Optional[dict] = None) -> RunResult:
-    """`concurrency` users, each on its own connection, send the requests in order, streamed."""
+async def run_closed_loop(target: str, base_url: str, model: str, requests: Iterable[BenchRequest],
+                          concurrency: int, timeout_s: float = 600.0, extra_body: Optional[dict] = None,
+                          duration_s: Optional[float] = None) -> RunResult:
+    """`concurrency` users, each on its own connection, send the requests in order, streamed. With
+    `duration_s` none is sent after that many seconds, so `requests` may be endless."""
     url = completions_url(base_url)
-    results: list[Optional[RequestResult]] = [None] * len(requests)
-    next_index = iter(range(len(requests)))
+    results: list[RequestResult] = []
+    work = enumerate(requests)  # NOTE: one shared iterator, so each request is sent exactly once
     t0 = time.perf_counter()
 
     async def user() -> None:
         conn = Connection(url)
         try:
-            for i in next_index:  # NOTE: one shared iterator, so each request is sent exactly once
+            for i, req in work:
+                if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+                    return
                 result = RequestResult(i, None)
+                results.append(result)
                 try:
-                    results[i] = await asyncio.wait_for(
-                        send_completion(conn, model, requests[i], result, t0, extra_body), timeout_s)
+                    await asyncio.wait_for(send_completion(conn, model, req, result, t0, extra_body), timeout_s)
                 except TimeoutError:
                     conn.close()
                     result.error = f"timed out after {timeout_s:.0f} s"
-                    results[i] = result
         finally:
             conn.close()
 
-    await asyncio.gather(*(user() for _ in range(min(concurrency, len(requests)))))
+    users = min(concurrency, len(requests)) if isinstance(requests, Sized) else concurrency
+    await asyncio.gather(*(user() for _ in range(users)))
     return RunResult(target, "closed", float(concurrency), time.perf_counter() - t0,
-                     [r for r in results if r is not None])
+                     sorted(results, key=lambda r: r.index))

@@ -95,7 +95,8 @@ def _best(rows: Sequence[dict]) -> dict:
     return max(rows, key=lambda r: r["output_tokens_per_s"])
 
 
-def _knee(rows: Sequence[dict]) -> dict:
+def knee(rows: Sequence[dict]) -> dict:
+    """The saturation row of one target's sweep: the lowest load reaching KNEE_FRACTION of its best tokens/s."""
     best = _best(rows)["output_tokens_per_s"]
     return min((r for r in rows if r["output_tokens_per_s"] >= KNEE_FRACTION * best), key=lambda r: r["load"])
 
@@ -111,16 +112,16 @@ def check_bars(rows: Sequence[dict], ours: str = "ours", reference: str = "basel
     if not mine or not base:
         return None
     best_mine, best_base = _best(mine), _best(base)
-    knee = _knee(base)
-    at_knee = next((r for r in mine if r["load"] == knee["load"]), None)
+    base_knee = knee(base)
+    at_knee = next((r for r in mine if r["load"] == base_knee["load"]), None)
     tput = best_mine["output_tokens_per_s"] / best_base["output_tokens_per_s"] if best_base["output_tokens_per_s"] else None
     ttft_mine = at_knee and at_knee["ttft_p95_s"]
-    ttft = knee["ttft_p95_s"] / ttft_mine if ttft_mine and knee["ttft_p95_s"] is not None else None
+    ttft = base_knee["ttft_p95_s"] / ttft_mine if ttft_mine and base_knee["ttft_p95_s"] is not None else None
     warnings = []
-    if knee["load"] == base[-1]["load"] and len(base) > 1:
+    if base_knee["load"] == base[-1]["load"] and len(base) > 1:
         warnings.append(f"{reference}: tokens/s still rising at the highest load, so the sweep may not reach its "
                         "saturation: add higher loads")
-    if _knee(mine)["load"] == mine[-1]["load"] and len(mine) > 1:
+    if knee(mine)["load"] == mine[-1]["load"] and len(mine) > 1:
         warnings.append(f"{ours}: tokens/s still rising at the highest load, so its saturation throughput is a lower bound")
     if any(r["num_errors"] for r in rows):
         warnings.append("some requests failed (see the errors column)")
@@ -128,8 +129,8 @@ def check_bars(rows: Sequence[dict], ours: str = "ours", reference: str = "basel
         "throughput_ratio": tput, "throughput_bar": THROUGHPUT_BAR,
         "throughput_pass": tput is not None and tput >= THROUGHPUT_BAR,
         "ours_best_load": best_mine["load"], "baseline_best_load": best_base["load"],
-        "baseline_saturation_load": knee["load"],
-        "ttft_p95_baseline_s": knee["ttft_p95_s"], "ttft_p95_ours_s": ttft_mine,
+        "baseline_saturation_load": base_knee["load"],
+        "ttft_p95_baseline_s": base_knee["ttft_p95_s"], "ttft_p95_ours_s": ttft_mine,
         "ttft_ratio": ttft, "ttft_bar": TTFT_BAR, "ttft_pass": ttft is not None and ttft >= TTFT_BAR,
         "warnings": warnings,
     }

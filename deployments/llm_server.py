@@ -4,7 +4,8 @@ The replica tokenizes, admits and streams; the engine steps in a process of its 
 (`parallel.engine_process.EngineProcess`, rank 0, the default) or, with `engine_process=false`,
 in a thread of the replica (then the replica is rank 0). The placement group has one bundle per
 rank, packed on one node (`deployment_options`): bundle 0 holds the replica and rank 0, bundles
-1..N-1 the other ranks' actors, so Serve's autoscaler asks for whole TP groups.
+1..N-1 the other ranks' actors, so Serve's autoscaler asks for whole TP groups. A replica that Serve
+stops (a redeploy, a scale-down) drains before its engine stops (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import statistics
 import uuid
-from typing import AsyncIterator, Union
+from typing import AsyncIterator, Optional, Union
 
 from ray import serve
 
@@ -55,6 +56,7 @@ class LLMServer:
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
         self.spec_totals: dict[str, list[int]] = {}  # proposer -> [proposed, accepted, verified rows]
+        self._stop_watch: Optional[asyncio.Task] = None  # drains the replica once Serve stops it
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
                     config.parallel.engine_process)
@@ -94,6 +96,8 @@ class LLMServer:
             "max_queued_requests": serve_opts.max_queued_requests,
             "health_check_period_s": serve_opts.health_check_period_s,
             "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
+            "graceful_shutdown_timeout_s": serve_opts.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": serve_opts.graceful_shutdown_wait_loop_s,
             "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": replica_gpus},
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
@@ -128,6 +132,8 @@ class LLMServer:
                        request_id: str = "") -> AsyncIterator[GenerationOutput]:
         """Streams engine outputs for one request; the last has `finished=True`. Call with stream=True."""
         request_id = request_id or uuid.uuid4().hex
+        if self._stop_watch is None:  # NOTE: here, not in __init__: an event loop runs now
+            self._stop_watch = asyncio.get_running_loop().create_task(self._drain_when_stopped())
         self.num_requests += 1
         ids = self.tokenize(request)
         params = self.sampling_params(request, len(ids))
@@ -143,6 +149,21 @@ class LLMServer:
                 yield out
         finally:
             self.load.ended(request_id)
+
+    async def _drain_when_stopped(self) -> None:
+        """Once Serve stops this replica: the requests in flight finish for up to the drain timeout,
+        the rest end with 503. Serve then calls `__del__`, which stops the engine."""
+        from deployments.stopping import wait_until_stopping
+        from serving.errors import UnavailableError
+
+        opts = self.config.serve
+        await wait_until_stopping(opts.graceful_shutdown_wait_loop_s, lambda: self.engine.num_streams > 0)
+        logger.info("replica stopping: draining %d requests for up to %.0f s", self.engine.num_streams,
+                    opts.drain_timeout_s)
+        ended = await self.engine.drain(opts.drain_timeout_s, UnavailableError(
+            f"this model server is shutting down (a redeploy or a scale-down) and the request did not finish "
+            f"within {opts.drain_timeout_s:.0f} s; retry it", code="shutting_down", retry_after=1.0))
+        logger.info("replica stopping: drained; %d requests ended unfinished", ended)
 
     def _check_grammar(self, spec) -> None:
         """A 400 now for a schema that does not compile against this model's tokenizer: on rank 0
@@ -189,7 +210,8 @@ class LLMServer:
         steps = list(self.recent_steps)
         last = self.last_stats
         num_blocks = self.num_kv_blocks
-        out = {"num_requests": self.num_requests, "num_kv_blocks": num_blocks,
+        out = {"num_requests": self.num_requests, "max_num_seqs": self.config.scheduler.max_num_seqs,
+               "num_kv_blocks": num_blocks,
                "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
                "num_pending": self.engine.num_pending}
         for proposer, (proposed, accepted, rows) in self.spec_totals.items():
@@ -243,6 +265,8 @@ class LLMServer:
 
     def __del__(self):
         try:
+            if self._stop_watch is not None:
+                self._stop_watch.cancel()
             self.engine.shutdown()
             if self.core is not None:
                 import ray

@@ -108,6 +108,7 @@ class AsyncEngine:
         self._core: Union[StepLoop, EngineCoreClient, None] = None  # started by the first request
         self._sink: Optional[_LoopSink] = None
         self.error: Optional[BaseException] = None  # set when the engine failed: the replica is unhealthy
+        self.stopped: Optional[ServingError] = None  # set by `drain`: what new requests get
 
     @property
     def num_pending(self) -> int:
@@ -122,6 +123,8 @@ class AsyncEngine:
                 await asyncio.wait_for(self._ready.wait(), self.restart_timeout_s)
             except TimeoutError:
                 pass
+        if self.stopped is not None:
+            raise self.stopped
         if self.error is not None:
             raise UnavailableError(f"engine failed: {self.error}")
         if self.num_pending >= self.max_waiting_requests:
@@ -165,6 +168,24 @@ class AsyncEngine:
                 del self._streams[request_id]
             if not finished:
                 self._core.abort(request_id)
+
+    @property
+    def num_streams(self) -> int:
+        """Requests in flight (queued or generating, with a consumer)."""
+        return len(self._streams)
+
+    async def drain(self, timeout_s: float, error: ServingError) -> int:
+        """Lets the requests in flight finish for up to `timeout_s`, then ends the rest with `error`
+        (after the tokens they already have); new requests get `error` from then on. Returns how
+        many were ended."""
+        deadline = time.monotonic() + timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.stopped = error
+        left = list(self._streams.values())
+        for stream in left:
+            stream.fail(error)
+        return len(left)
 
     def _stream_interval(self) -> float:
         """Seconds between a stream's items: at least `stream_interval_s`, and long enough that

@@ -182,6 +182,9 @@ class AutoscalingConfig(_Frozen):
         return self
 
 
+SHUTDOWN_MARGIN_S = 3.0  # see ServeOptions.drain_timeout_s
+
+
 class ServeOptions(_Frozen):
     """Options of the LLM server deployment (per model)."""
 
@@ -195,6 +198,26 @@ class ServeOptions(_Frozen):
     health_check_period_s: float = Field(default=10.0, gt=0)
     # Hourly price of one replica's hardware (all ranks), for the cost-per-token metrics; 0 = none.
     price_per_hour: float = Field(default=0.0, ge=0)
+    # A replica that Serve stops (a redeploy, a scale-down, `serve.delete`) gets no new requests; those
+    # in flight run for up to `drain_timeout_s`, the rest end with 503, then its engine stops. Serve
+    # kills the replica at graceful_shutdown_timeout_s whatever it is doing (docs/configuration.md).
+    graceful_shutdown_timeout_s: float = Field(default=60.0, gt=0)
+    # How often Serve checks whether a stopping replica has drained (and the replica whether it stops).
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.drain_timeout_s <= 0:
+            raise ValueError(f"serve.graceful_shutdown_timeout_s must exceed 2 * graceful_shutdown_wait_loop_s"
+                             f" + {SHUTDOWN_MARGIN_S:.0f} s")
+        return self
+
+    @property
+    def drain_timeout_s(self) -> float:
+        """Seconds the requests in flight get once a replica stops: Serve's deadline less the time to
+        notice the stop and for Serve to see the replica drained (a wait loop each), and a margin for
+        ending the rest and stopping the engine."""
+        return self.graceful_shutdown_timeout_s - 2 * self.graceful_shutdown_wait_loop_s - SHUTDOWN_MARGIN_S
 
 
 class LLMConfig(_Frozen):
@@ -335,6 +358,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "early_exit_layers": ("speculative", "early_exit_layers"),
     "num_replicas": ("serve", "num_replicas"),
     "price_per_hour": ("serve", "price_per_hour"),
+    "graceful_shutdown_timeout_s": ("serve", "graceful_shutdown_timeout_s"),
     "min_replicas": ("serve", "autoscaling.min_replicas"),
     "max_replicas": ("serve", "autoscaling.max_replicas"),
     "target_ongoing_requests": ("serve", "autoscaling.target_ongoing_requests"),
@@ -347,6 +371,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "cache_threshold": ("cache", "similarity_threshold"),
     "cache_snapshot_path": ("cache", "snapshot_path"),
     "cache_timeout_s": ("cache", "timeout_s"),
+    "cache_capacity_bytes": ("cache", "capacity_bytes"),
     "router_replicas": ("router", "num_replicas"),
     "handle_transport": ("router", "handle_transport"),
     "api_keys_file": ("router", "api_keys_file"),

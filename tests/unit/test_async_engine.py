@@ -322,3 +322,28 @@ def test_the_watchdog_ends_requests_of_a_hung_step(tiny_model, ranks_answer, ste
             ae.shutdown()
 
     assert asyncio.run(main()) < within_s
+
+
+def test_drain_lets_short_requests_finish_then_ends_the_rest_and_refuses_new_ones(engine):
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        try:
+            short = asyncio.create_task(collect(ae.generate("short", PROMPTS[1], greedy(5))))
+            long = ae.generate("long", PROMPTS[2], greedy(1000))
+            head = await long.__anext__()
+            started = time.monotonic()
+            ended = await ae.drain(0.2, UnavailableError("shutting down", code="shutting_down"))
+            assert ended == 1 and 0.2 <= time.monotonic() - started < 2
+            assert (await short)[-1].finish_reason == "length"
+            tokens = len(head.token_ids)
+            with pytest.raises(UnavailableError, match="shutting down"):
+                async for out in long:  # what it already had comes first, then the error
+                    tokens += len(out.token_ids)
+            assert 0 < tokens < 1000
+            with pytest.raises(UnavailableError, match="shutting down"):
+                await ae.generate("late", PROMPTS[3], greedy(5)).__anext__()
+            await wait_for(lambda: is_idle(engine))
+        finally:
+            ae.shutdown()
+
+    asyncio.run(main())

@@ -117,3 +117,16 @@ def test_default_max_tokens_must_fit_the_output_limit():
     with pytest.raises(ValueError, match="default_max_tokens"):
         AppConfig.from_flat_args({"max_output_tokens": "100"})  # the default max_tokens is 256
     AppConfig.from_flat_args({"max_output_tokens": "256"})
+
+
+def test_cache_capacity_is_a_flat_argument():
+    assert AppConfig.from_flat_args({"cache_capacity_bytes": "8388608"}).cache.capacity_bytes == 8 * 2**20
+
+
+def test_graceful_shutdown_options_leave_the_requests_a_drain_timeout():
+    serve_opts = AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "30"}).models[0].serve
+    assert serve_opts.graceful_shutdown_timeout_s == 30.0 and serve_opts.graceful_shutdown_wait_loop_s == 2.0
+    assert serve_opts.drain_timeout_s == 30.0 - 2 * 2.0 - 3.0  # noticing, Serve's check, the margin
+    assert LLMConfig().serve.drain_timeout_s >= 50  # a long generation on the embedded model fits
+    with pytest.raises(ValueError, match="graceful_shutdown_timeout_s must exceed"):
+        AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "6"})
