@@ -154,6 +154,9 @@ def serving_cluster(num_cpus: int, ingress: str = "haproxy", verbose: bool = Fal
         raise ValueError(f"ingress must be one of {INGRESSES}")
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ingress == "haproxy" else "0"
     os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1" if ingress == "proxy-grpc" else "0"
+    # one event loop per replica, as docs/configuration.md recommends ("Serving fast")
+    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+    os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}})
     try:
