@@ -18,9 +18,12 @@ _REF = "#/components/schemas/{model}"
 
 _ERRORS = {
     400: "Invalid request; `error.param` names the parameter.",
+    401: "With API keys on (docs/security.md): a missing or wrong `Authorization: Bearer` key.",
     404: "No such model (`error.code` is `model_not_found`).",
+    413: "The body is larger than `router.limits.max_body_bytes`.",
     429: "Overloaded; retry after `Retry-After` seconds.",
-    503: "The model did not answer in time or its engine failed; retry after `Retry-After` seconds.",
+    503: "Overloaded (a full queue), or the model did not answer in time or its engine failed; retry after "
+         "`Retry-After` seconds.",
 }
 # One server-sent event (before OpenAPI 3.2 and its `itemSchema`, `schema` describes each event)
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {

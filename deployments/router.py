@@ -24,10 +24,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serving.auth import ApiKeys, cache_tenant, load_api_keys
-from serving.breaker import CircuitBreaker
 from serving.config import AppConfig
 from serving.errors import AuthenticationError, ContextLengthError, ModelNotFoundError, ServingError, UnavailableError
 from serving.limits import check_limits, read_body
+from deployments.cache_client import CacheClient
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
 from deployments.openapi import operation, publish
 from serving.protocol import (
@@ -108,16 +108,14 @@ class Router:
         self.llms = {name: h.options(_by_reference=by_reference) for name, h in llm_handles.items()}
         # NOTE: made once: `options()` builds a new handle, a cost on every request otherwise
         self._llm_streams = {name: h.options(stream=True) for name, h in self.llms.items()}
-        self.caches = [h.options(_by_reference=by_reference) for h in cache_handles]
-        self._breakers = [CircuitBreaker(config.cache.breaker_failures, config.cache.breaker_open_s)
-                          for _ in cache_handles]
         self.config = config
         keys = load_api_keys(config.router.api_keys_file, os.environ)
         self.api_keys = ApiKeys(keys) if keys else None  # None: keys are off
         logger.info("router: API keys %s", f"on ({len(keys)})" if keys else "off")
         self._cards: dict[str, dict] = {}
-        self._background: set[asyncio.Task] = set()
         self.telemetry = _router_telemetry()
+        self.cache = CacheClient([h.options(_by_reference=by_reference) for h in cache_handles], config.cache,
+                                 self.telemetry)
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
@@ -131,15 +129,16 @@ class Router:
         return await self._http(raw, ChatCompletionRequest, "/v1/chat/completions")
 
     @api.post("/tokenize", openapi_extra=operation((TokenizeCompletionRequest, TokenizeChatRequest),
-                                                   TokenizeResponse, errors=(400, 404)))
+                                                   TokenizeResponse, errors=(400, 401, 404, 413)))
     async def http_tokenize(self, raw: Request):
         return await self._http(raw, None, "/tokenize")
 
-    @api.post("/detokenize", openapi_extra=operation((DetokenizeRequest,), DetokenizeResponse, errors=(400, 404)))
+    @api.post("/detokenize", openapi_extra=operation((DetokenizeRequest,), DetokenizeResponse,
+                                                     errors=(400, 401, 404, 413)))
     async def http_detokenize(self, raw: Request):
         return await self._http(raw, DetokenizeRequest, "/detokenize")
 
-    @api.get("/v1/models", openapi_extra=operation(response=ModelList, errors=()))
+    @api.get("/v1/models", openapi_extra=operation(response=ModelList, errors=(401,)))
     async def http_models(self, raw: Request):
         try:
             self._tenant_of_key(raw)
@@ -226,8 +225,7 @@ class Router:
 
     async def flush_cache(self, model: Optional[str] = None, tenant: Optional[str] = None) -> int:
         """Invalidates cached answers (all, one model's, or one tenant's); returns how many."""
-        counts = await asyncio.gather(*(c.flush.remote(model, tenant) for c in self.caches))
-        return sum(counts)
+        return await self.cache.flush(model, tenant)
 
     # ---- the shared path ----------------------------------------------------------------------
 
@@ -242,9 +240,9 @@ class Router:
             async for item in self._choices(handle, request):
                 yield item
             return
-        lookup = self._cache_lookup_args(request, tenant)
+        lookup = self.cache.lookup_args(request, tenant)
         if lookup is not None and lookup[2].read:
-            hit = await self._cache_call("lookup", lookup[0], lookup[1])
+            hit = await self.cache.lookup(lookup[0], lookup[1])
             if hit is not None:
                 a = hit.answer
                 yield 0, GenerationOutput(request_id="", text=a.text, finished=True, finish_reason=a.finish_reason,
@@ -258,7 +256,7 @@ class Router:
                     texts.append(out.text)
                     yield 0, out, False
                     if out.finished and lookup is not None and lookup[2].write and out.finish_reason != "abort":
-                        self._insert_later(lookup, "".join(texts), out)
+                        self.cache.insert_later(lookup, "".join(texts), out)
                 return
             except Exception as e:
                 if not replica_died(e):
@@ -308,57 +306,6 @@ class Router:
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         return await handle.detokenize.remote(request.prompt, param="prompt")
-
-    def _cache_lookup_args(self, request: AnyRequest, tenant: Optional[str]):
-        """(key, query text, policy) when the cache may be read or written for `request`, else None."""
-        if not self.caches or not self.config.cache.enabled or request.uses_extensions:
-            return None
-        from serving.cache.key import build_cache_key, cache_policy, cache_query_text
-
-        query = cache_query_text(request)
-        if query is None:
-            return None
-        policy = cache_policy(request)
-        if not (policy.read or policy.write):
-            return None
-        return build_cache_key(request, request.model, tenant), query, policy
-
-    async def _cache_call(self, call: str, key, *args):
-        """`lookup` or `insert` on the key's cache partition, within the cache's deadline and its
-        circuit breaker; None when the call was skipped, failed or ran late (for a lookup: a miss).
-        NOTE: so a dead or stalled cache replica never holds a request up; Serve replaces it."""
-        from serving.cache.key import partition_of
-
-        partition = partition_of(key, len(self.caches))
-        breaker = self._breakers[partition]
-        if not breaker.allow():
-            self.telemetry.record_cache_skip(call, "open")
-            return None
-        try:
-            async with asyncio.timeout(self.config.cache.timeout_s):
-                result = await getattr(self.caches[partition], call).remote(key, *args)
-        except Exception as e:  # noqa: BLE001 - any failure of the cache is a miss, never the request's error
-            reason = "timeout" if isinstance(e, TimeoutError) else "error"
-            opened = breaker.num_opened
-            breaker.record_failure()
-            self.telemetry.record_cache_skip(call, reason)
-            if breaker.num_opened > opened:
-                logger.warning("cache partition %d: %s %s (%s); serving without it for %.0f s", partition, call,
-                               reason, type(e).__name__, breaker.open_s)
-            return None
-        breaker.record_success()
-        return result
-
-    def _insert_later(self, lookup, text: str, last: GenerationOutput) -> None:
-        from serving.cache.types import CachedAnswer
-
-        key, query = lookup[0], lookup[1]
-        answer = CachedAnswer(text=text, finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
-                              num_output_tokens=last.num_output_tokens)
-
-        task = asyncio.get_running_loop().create_task(self._cache_call("insert", key, query, answer))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _gather(self, request: AnyRequest, tenant: Optional[str]):
         """A whole answer: per choice its texts, token ids, log-probabilities, prompt log-probabilities

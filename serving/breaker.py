@@ -1,7 +1,8 @@
-"""A circuit breaker: stop calling a dependency that keeps failing, and try it again later.
+"""Calls to a dependency that may die or stall: a circuit breaker, and a deadline that adapts.
 
-The router guards each semantic-cache partition with one. Every call has a short deadline; a call
-that fails or runs past it counts as a failure. After `max_failures` in a row the breaker opens: the
+A circuit breaker stops calling a dependency that keeps failing, and tries it again later. The
+router guards each semantic-cache partition with one. Every call has a deadline (`AdaptiveTimeout`);
+a call that fails or runs past it counts as a failure. After `max_failures` in a row the breaker opens: the
 router skips that partition (a miss, the model answers) for `open_s` seconds. Then one call is let
 through (half-open); its success closes the breaker, its failure opens it again.
 
@@ -58,3 +59,30 @@ class CircuitBreaker:
                 self.num_opened += 1
             self._opened_at = self._clock()  # a failed trial opens it for another open_s
             self._trial_at = None
+
+
+class AdaptiveTimeout:
+    """A call's deadline that follows its measured latency: `floor` while calls are fast, longer
+    under load (the smoothed latency plus four times its mean deviation, as TCP's retransmission
+    timer: RFC 6298), never past `cap`. Only calls that succeed are measured, so a dead callee
+    cannot stretch it."""
+
+    def __init__(self, floor: float, cap: float):
+        if not 0 < floor <= cap:
+            raise ValueError("need 0 < floor <= cap")
+        self.floor, self.cap = floor, cap
+        self._mean: float | None = None
+        self._dev = 0.0
+
+    @property
+    def seconds(self) -> float:
+        if self._mean is None:
+            return self.floor
+        return min(self.cap, max(self.floor, self._mean + 4.0 * self._dev))
+
+    def observe(self, seconds: float) -> None:
+        if self._mean is None:
+            self._mean, self._dev = seconds, seconds / 2
+            return
+        self._dev = 0.75 * self._dev + 0.25 * abs(self._mean - seconds)
+        self._mean = 0.875 * self._mean + 0.125 * seconds

@@ -96,14 +96,24 @@ class CacheConfig(_Frozen):
     # Most texts one embedding forward pass takes (micro-batching), and torch threads for it.
     embedding_batch_size: int = Field(default=64, ge=1)
     embedding_threads: int = Field(default=1, ge=0)
-    # The router's deadline for one lookup or insert. Past it the request is a miss (the model
-    # answers) and the call counts as a failure of the partition (a fresh prompt's lookup takes
-    # ~10-20 ms here, most of it one embedding).
+    # The router's deadline for one lookup: `timeout_s` while lookups are fast (a fresh prompt's takes
+    # ~10-20 ms here, most of it one embedding), stretching with their measured latency under load up
+    # to `max_timeout_s` (serving/breaker.py AdaptiveTimeout). Past it the request is a miss (the model
+    # answers) and the call counts as a failure of the partition. Inserts, off the response path,
+    # get `insert_timeout_s`.
     timeout_s: float = Field(default=0.05, gt=0)
+    max_timeout_s: float = Field(default=0.5, gt=0)
+    insert_timeout_s: float = Field(default=2.0, gt=0)
     # Failures in a row that open a partition's circuit breaker (the router then serves without
     # that partition), and the seconds before one trial call goes through (serving/breaker.py).
     breaker_failures: int = Field(default=3, ge=1)
     breaker_open_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_timeout_s < self.timeout_s:
+            raise ValueError("cache.max_timeout_s must be >= cache.timeout_s")
+        return self
 
 
 class SpeculativeConfig(_Frozen):

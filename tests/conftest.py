@@ -71,7 +71,7 @@ def llm_app(serve_port, tiny_model):
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, block_size=8),
     # NOTE: the tests here assert hits, so a loaded 2-core machine's slow lookup must not turn one into a
     # miss: a generous deadline (the default, 50 ms, is what tests/integration/test_faults.py runs with)
-    ),), cache=CacheConfig(enabled=True, timeout_s=5.0))
+    ),), cache=CacheConfig(enabled=True, timeout_s=5.0, max_timeout_s=5.0))
     serve.run(build_app(config), name="llm", route_prefix="/")
     base = f"http://127.0.0.1:{serve_port}"
     deadline = time.monotonic() + 120

@@ -96,7 +96,9 @@ class BatchingEmbedder:
     """Async front of an `Encode` function: one worker thread, batches of up to `max_batch_size`,
     and a small LRU of recent texts (a miss's insert reuses its lookup's embedding)."""
 
-    def __init__(self, encode: Encode, max_batch_size: int = 64, memo_size: int = 4096):
+    # NOTE: an entry holds the text's word vectors too (~20 KB for a 50-token prompt); a lookup's insert
+    # comes seconds later, so 1024 recent texts cover it (and keep the memo under ~25 MB)
+    def __init__(self, encode: Encode, max_batch_size: int = 64, memo_size: int = 1024):
         self._encode = encode
         self.max_batch_size = max_batch_size
         self._memo: OrderedDict[str, Embedding] = OrderedDict()

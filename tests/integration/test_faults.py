@@ -68,6 +68,7 @@ def test_a_killed_cache_replica_never_stalls_a_request(fault_app):
         res, took = ask(fault_app, f"A question asked while the cache is down, number {i}?")
         assert res["cached"] is False
         worst = max(worst, took)
+    print(f"cache replica killed: slowest of 12 requests {worst:.3f} s, slowest before {base_s:.3f} s")
     assert worst < base_s + 1.0, (worst, base_s)  # issue 14's bar: no more than 1 s longer
     # Serve replaces the partition and the breaker lets the router back in: repeats hit again
     wait_running("SemanticCache0", 1)

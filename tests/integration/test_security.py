@@ -31,7 +31,7 @@ def secure_app(serve_port, tiny_model, tmp_path_factory):
         parallel=ParallelConfig(engine_process=False),
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=8, default_max_tokens=16),
         serve=ServeOptions(num_replicas=1),
-    ),), cache=CacheConfig(capacity_bytes=2**20, embedding_batch_size=8, timeout_s=5.0),
+    ),), cache=CacheConfig(capacity_bytes=2**20, embedding_batch_size=8, timeout_s=5.0, max_timeout_s=5.0),
         router=RouterConfig(api_keys_file=str(keys), limits=LimitsConfig(**LIMITS)))
     assert KEY_A not in repr(config)
     serve.run(build_app(config), name="secure", route_prefix="/secure")

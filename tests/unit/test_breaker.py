@@ -69,3 +69,21 @@ def test_bad_settings_are_refused():
         CircuitBreaker(max_failures=0)
     with pytest.raises(ValueError):
         CircuitBreaker(open_s=0)
+
+
+def test_the_deadline_follows_the_measured_latency_between_floor_and_cap():
+    from serving.breaker import AdaptiveTimeout
+
+    t = AdaptiveTimeout(floor=0.05, cap=0.5)
+    assert t.seconds == 0.05  # nothing measured yet
+    for _ in range(20):
+        t.observe(0.01)  # fast calls: the floor
+    assert t.seconds == 0.05
+    for _ in range(50):
+        t.observe(0.15)  # under load: stretched past the latency, not to the cap
+    assert 0.15 < t.seconds < 0.5
+    for _ in range(50):
+        t.observe(2.0)  # a very slow callee: never past the cap
+    assert t.seconds == 0.5
+    with pytest.raises(ValueError):
+        AdaptiveTimeout(floor=0.5, cap=0.1)
