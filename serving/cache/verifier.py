@@ -53,7 +53,10 @@ class Rejection:
     detail: str
 
 
-@lru_cache(maxsize=8192)
+# NOTE: an analysis holds every token's forms (~10 KB of small objects): 8,192 of them were ~100 MB,
+# which a soak measured as growth while the memo filled; 2,048 covers the queries and candidates
+# of the last minute at saturation here
+@lru_cache(maxsize=2048)
 def _analyze(text: str) -> Analysis:
     return analyze(text)
 
