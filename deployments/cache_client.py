@@ -5,8 +5,8 @@ Each key lives in partition `partition_of(key, n)` (deployments/cache.py). Every
 deadline that follows the partition's measured lookup latency (`CacheConfig.timeout_s` while it is
 fast, at most `max_timeout_s`), every insert `insert_timeout_s`; a late or failed call is a miss
 (the model answers) and a failure of its partition's circuit breaker (serving/breaker.py), which
-after `breaker_failures` in a row skips that partition for `breaker_open_s`. So a dead or stalled cache replica never stalls a request while
-Serve replaces it.
+after `breaker_failures` in a row skips that partition for `breaker_open_s`. So a dead or stalled
+cache replica never stalls a request while Serve replaces it.
 """
 
 from __future__ import annotations

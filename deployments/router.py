@@ -5,9 +5,9 @@
 Every request goes: validate -> semantic cache (hit: answer now) -> the model's LLM server
 (streaming) -> the answer, and on a finished miss an insert into the cache off the response path.
 HTTP routes and `Router.generate` (for `DeploymentHandle` callers) share one async generator.
-With API keys configured (serving/auth.py) every HTTP route but the health checks needs one, and
-the key, not the request's `user`, picks the cache tenant; HTTP requests also meet `router.limits`
-(serving/limits.py). Handle callers are trusted Ray code: no key, no limits.
+With API keys configured (serving/auth.py) every HTTP route but the health checks and
+/openapi.json needs one, and the key, not the request's `user`, picks the cache tenant; HTTP
+requests also meet `router.limits` (serving/limits.py). Handle callers are trusted Ray code: no key, no limits.
 """
 
 
