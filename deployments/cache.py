@@ -60,11 +60,12 @@ class SemanticCache:
             num = snapshot.load(store, config.snapshot_path, partition, config.num_replicas, self._model_id)
             logger.info("cache partition %d: %d entries loaded from %s", partition, num, config.snapshot_path)
 
-    async def lookup(self, key: CacheKey, query: str) -> Optional[CacheHit]:
-        """The cached answer for `query` under `key`, or None (a miss)."""
+    async def lookup(self, key: CacheKey, query: str, budget_s: Optional[float] = None) -> Optional[CacheHit]:
+        """The cached answer for `query` under `key`, or None (a miss; also when the lookup would
+        take more than `budget_s`: the router has stopped waiting by then)."""
         self._ensure_snapshot_task()
         start = time.perf_counter()
-        hit = await self.core.lookup(key, query)
+        hit = await self.core.lookup(key, query, budget_s)
         self.telemetry.observe_lookup(time.perf_counter() - start)
         self.telemetry.record_stats(self.core.stats)  # at most once a second
         return hit

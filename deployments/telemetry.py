@@ -231,7 +231,8 @@ class RouterTelemetry:
         self._counts.add(m.ERRORS, {"error_type": str(error)})
 
     def record_cache_skip(self, call: str, reason: str) -> None:
-        """A cache `call` (lookup, insert) given up ("timeout", "error") or skipped ("open")."""
+        """A cache `call` (lookup, insert) given up ("timeout", "error") or skipped ("open": its
+        breaker; "backlog": too many calls still in flight)."""
         self._counts.add(m.CACHE_SKIPS, {"call": call, "reason": reason})
 
 
@@ -241,6 +242,8 @@ _CACHE_COUNTERS = {"lookups": (m.CACHE_LOOKUPS, None), "hits": (m.CACHE_HITS, No
                    "misses": (m.CACHE_MISSES, None), "inserts": (m.CACHE_INSERTS, None),
                    "evictions": (m.CACHE_EVICTIONS, {"reason": "capacity"}),
                    "expirations": (m.CACHE_EVICTIONS, {"reason": "ttl"}),
+                   # a lookup the replica dropped because the router's deadline had passed
+                   "late_lookups": (m.CACHE_SKIPS, {"call": "lookup", "reason": "late"}),
                    **{f"rejected_{label}": (m.CACHE_REJECTIONS, {"reason": label}) for label in REJECTION_LABELS}}
 _CACHE_GAUGES = {"entries": m.CACHE_ENTRIES, "bytes": m.CACHE_BYTES}
 

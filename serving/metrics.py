@@ -137,7 +137,8 @@ CACHE_REJECTIONS = MetricSpec("llm_cache_rejections", C, "Cache candidates the v
 CACHE_ENTRIES = MetricSpec("llm_cache_entries", G, "Entries held by the semantic cache replica.")
 CACHE_BYTES = MetricSpec("llm_cache_bytes", G, "Bytes held by the semantic cache replica.")
 CACHE_SKIPS = MetricSpec("llm_cache_skips", C, "Cache calls the router gave up (timeout, error) or skipped "
-                         "(breaker open), by call and reason.", ("call", "reason"))
+                         "(breaker open), and lookups the cache dropped past their deadline (late), by call and "
+                         "reason.", ("call", "reason"))
 CACHE_LOOKUP_LATENCY = MetricSpec("llm_cache_lookup_latency_seconds", H,
                                   "Time of one semantic cache lookup (embedding, search and check).",
                                   (), LATENCY_BUCKETS_S)

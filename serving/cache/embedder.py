@@ -6,7 +6,9 @@ averaged over each word's word pieces), which the verifier aligns when its rules
 for a word ("invented" / "created"). `BatchingEmbedder` runs that function in one worker thread;
 concurrent `embed` calls that arrive while a batch is running are queued and sent together as the
 next batch, so under load one forward pass serves many lookups and inserts, and an idle cache
-answers a lone request without waiting for company.
+answers a lone request without waiting for company. A text whose caller's deadline passed while it
+waited is dropped from its batch (`Expired`): under overload the model embeds only texts someone
+still waits for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional
@@ -92,6 +95,10 @@ def word_vectors(text: str, tokens: np.ndarray, offsets: list[tuple[int, int]]) 
     return out
 
 
+class Expired(Exception):
+    """The caller's deadline passed before its text's turn in a batch came."""
+
+
 class BatchingEmbedder:
     """Async front of an `Encode` function: one worker thread, batches of up to `max_batch_size`,
     and a small LRU of recent texts (a miss's insert reuses its lookup's embedding)."""
@@ -103,22 +110,24 @@ class BatchingEmbedder:
         self.max_batch_size = max_batch_size
         self._memo: OrderedDict[str, Embedding] = OrderedDict()
         self._memo_size = memo_size
-        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._pending: list[tuple[str, asyncio.Future, float]] = []  # (text, future, deadline)
         self._worker: Optional[asyncio.Task] = None
         self._wakeup: Optional[asyncio.Event] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-embed")
         self.num_batches = 0
         self.num_texts = 0
+        self.num_expired = 0  # texts dropped because their deadline passed
 
-    async def embed(self, text: str) -> Embedding:
-        """The unit-norm embedding of `text` ([dim] float32) and its word vectors."""
+    async def embed(self, text: str, deadline: Optional[float] = None) -> Embedding:
+        """The unit-norm embedding of `text` ([dim] float32) and its word vectors. With `deadline`
+        (`time.monotonic()` seconds) it raises `Expired` if its batch would start after it."""
         hit = self._memo.get(text)
         if hit is not None:
             self._memo.move_to_end(text)
             return hit
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((text, future))
+        self._pending.append((text, future, float("inf") if deadline is None else deadline))
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._run())
@@ -131,15 +140,18 @@ class BatchingEmbedder:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                self._pending = self._drop_expired(self._pending)
                 batch, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size:]
-                texts = list(dict.fromkeys(t for t, _ in batch))  # unique, in order
+                if not batch:
+                    continue
+                texts = list(dict.fromkeys(t for t, _, _ in batch))  # unique, in order
                 try:
                     encoded = await loop.run_in_executor(self._executor, self._encode, texts)
                     if encoded is None or len(encoded.vectors) != len(texts) or len(encoded.words) != len(texts):
                         raise RuntimeError(f"encoder returned {0 if encoded is None else len(encoded.vectors)} "
                                            f"vectors for {len(texts)} texts")
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter; the worker lives on
-                    for _, fut in batch:
+                    for _, fut, _ in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
@@ -148,9 +160,21 @@ class BatchingEmbedder:
                 by_text = {t: Embedding(v, w) for t, v, w in zip(texts, encoded.vectors, encoded.words)}
                 for text, embedding in by_text.items():
                     self._remember(text, embedding)
-                for text, fut in batch:
+                for text, fut, _ in batch:
                     if not fut.done():
                         fut.set_result(by_text[text])
+
+    def _drop_expired(self, pending: list) -> list:
+        """`pending` without the texts whose deadline has passed (their callers get `Expired`)."""
+        now = time.monotonic()
+        kept = []
+        for item in pending:
+            if item[2] >= now:
+                kept.append(item)
+            elif not item[1].done():
+                item[1].set_exception(Expired())
+        self.num_expired += len(pending) - len(kept)
+        return kept
 
     def _remember(self, text: str, embedding: Embedding) -> None:
         self._memo[text] = embedding

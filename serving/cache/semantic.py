@@ -11,6 +11,8 @@ A lookup:
 3. Otherwise the query is embedded and the key's index returns up to `max_candidates` entries with
    similarity >= the threshold; the first that the verifier (`verifier.verify`) accepts is the hit.
    Each refused candidate is counted under its rejection label and logged at debug level.
+A lookup given a time budget that its embedding would exceed (it waited behind other batches) is a
+miss, counted as late: its caller has stopped waiting for it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from serving.cache.embedder import BatchingEmbedder, WordVectors
+from serving.cache.embedder import BatchingEmbedder, Expired, WordVectors
 from serving.cache.key import CacheKey
 from serving.cache.store import CacheStore
 from serving.cache.text import normalize
@@ -39,7 +41,7 @@ METRIC_NAMES = (
     "cache_expirations_total", "cache_flushed_total", "cache_entries", "cache_bytes",
     "cache_capacity_bytes", "cache_partitions", "cache_lookup_latency_seconds_sum",
     "cache_lookup_latency_seconds_count", "cache_lookup_latency_p50_ms", "cache_lookup_latency_p99_ms",
-    "cache_embed_batches_total", "cache_embed_texts_total",
+    "cache_embed_batches_total", "cache_embed_texts_total", "cache_late_lookups_total",
 ) + tuple(f"cache_rejected_{label}_total" for label in REJECTION_LABELS)
 
 # The reason of a miss whose key had entries but none similar enough to read.
@@ -67,19 +69,20 @@ class SemanticCacheCore:
         self._rejections: Counter[str] = Counter()  # label -> candidates refused for it
         self._latencies: deque[float] = deque(maxlen=2048)  # seconds, the most recent lookups
         self._counts = dict.fromkeys(("lookups", "hits", "exact_hits", "misses", "rejected", "inserts",
-                                      "flushed", "latency_sum"), 0)
+                                      "flushed", "late", "latency_sum"), 0)
 
-    async def lookup(self, key: CacheKey, query: str) -> Optional[CacheHit]:
-        """The cached answer for `query` under `key`, or None."""
+    async def lookup(self, key: CacheKey, query: str, budget_s: Optional[float] = None) -> Optional[CacheHit]:
+        """The cached answer for `query` under `key`, or None; None also when the query's embedding
+        cannot start within `budget_s` seconds."""
         start = time.perf_counter()
         try:
-            return await self._lookup(key, query)
+            return await self._lookup(key, query, None if budget_s is None else time.monotonic() + budget_s)
         finally:
             elapsed = time.perf_counter() - start
             self._latencies.append(elapsed)
             self._counts["latency_sum"] += elapsed
 
-    async def _lookup(self, key: CacheKey, query: str) -> Optional[CacheHit]:
+    async def _lookup(self, key: CacheKey, query: str, deadline: Optional[float]) -> Optional[CacheHit]:
         self._counts["lookups"] += 1
         entry = self.store.get_exact(key, normalize(query))
         if entry is not None:
@@ -90,7 +93,12 @@ class SemanticCacheCore:
         if not self.store.has_key(key):
             self._counts["misses"] += 1
             return None
-        embedding = await self.embedder.embed(query)
+        try:
+            embedding = await self.embedder.embed(query, deadline)
+        except Expired:
+            self._counts["misses"] += 1
+            self._counts["late"] += 1
+            return None
         hit = self.decide(key, query, embedding.vector, embedding.words).hit
         self._counts["hits" if hit else "misses"] += 1
         return hit
@@ -144,6 +152,6 @@ class SemanticCacheCore:
             "cache_lookup_latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
             "cache_lookup_latency_p99_ms": float(np.percentile(lat, 99) * 1e3),
             "cache_embed_batches_total": self.embedder.num_batches,
-            "cache_embed_texts_total": self.embedder.num_texts,
+            "cache_embed_texts_total": self.embedder.num_texts, "cache_late_lookups_total": c["late"],
             **{f"cache_rejected_{label}_total": self._rejections[label] for label in REJECTION_LABELS},
         }

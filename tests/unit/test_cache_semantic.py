@@ -184,3 +184,52 @@ def test_encoder_failure_reaches_every_waiter_and_the_worker_survives():
         embedder.close()
     run(go())
 
+
+
+def test_embedder_drops_texts_whose_deadline_passed_while_they_waited():
+    """A text queued behind a slow batch past its deadline is never embedded: its caller gets Expired."""
+    import time
+
+    from serving.cache.embedder import Expired
+
+    base = hashing_encoder(DIM)
+    seen: list[str] = []
+
+    def slow(texts):
+        seen.extend(texts)
+        time.sleep(0.2)
+        return base(texts)
+
+    async def go():
+        embedder = BatchingEmbedder(slow)
+        first = asyncio.ensure_future(embedder.embed("first"))
+        await asyncio.sleep(0.02)  # the first batch is running
+        late = embedder.embed("late", deadline=time.monotonic() + 0.05)
+        patient = embedder.embed("patient", deadline=time.monotonic() + 5.0)
+        results = await asyncio.gather(first, late, patient, return_exceptions=True)
+        assert isinstance(results[1], Expired) and results[0].vector.shape == (DIM,) == results[2].vector.shape
+        assert seen == ["first", "patient"] and embedder.num_expired == 1
+        embedder.close()
+    run(go())
+
+
+def test_lookup_past_its_budget_is_a_late_miss():
+    import time
+
+    base = hashing_encoder(DIM)
+
+    def slow(texts):
+        time.sleep(0.2)
+        return base(texts)
+
+    async def go():
+        core = make_core(slow)
+        await core.insert(key(), "how do I sort a list in python", answer("sorted(xs)"))
+        busy = asyncio.ensure_future(core.embedder.embed("something else"))
+        await asyncio.sleep(0.02)
+        assert await core.lookup(key(), "how can I sort a python list", budget_s=0.05) is None
+        assert core.stats()["cache_late_lookups_total"] == 1
+        await busy
+        assert await core.lookup(key(), "how can I sort a python list", budget_s=5.0) is not None
+        core.embedder.close()
+    run(go())
