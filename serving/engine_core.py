@@ -270,7 +270,10 @@ def hang_up(conn) -> None:
             sock.close()
     except OSError:
         pass
-    conn.close()
+    try:
+        conn.close()
+    except OSError:  # NOTE: another thread closed it meanwhile (the server's reader, on the EOF this caused)
+        pass
 
 
 def _picklable(error: BaseException) -> bool:
