@@ -24,6 +24,7 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "_tokenizer", None)
         self._decode_ids = backend.decode if backend is not None else tokenizer.decode
         self.stop = tuple(stop)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str = include_stop_str
         self.min_tokens = min_tokens
@@ -49,7 +50,7 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self._prefix_offset:])
         if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
             return  # an incomplete character (or nothing printable yet): wait for more tokens
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        search_from = max(0, len(self.text) - self._longest_stop)
         self.text += full[len(prefix):]
         self._read_offset = len(self.ids)
         if self._read_offset - self._prefix_offset > 2 * _CONTEXT_TOKENS:
