@@ -3,7 +3,8 @@
 Text is released only when it is final: never half a UTF-8 character (a byte-level token can end
 inside one), and never text that might still turn out to be the start of a stop string. A stop
 string found in the text ends the sequence and is not emitted (unless `include_stop_str`), even
-when it spans tokens; before `min_tokens` tokens no stop string is looked for.
+when it spans tokens; before `min_tokens` tokens no stop string is looked for. Without stop strings
+tokens are decoded only when their text is asked for (`release`), several at a time.
 """
 
 from __future__ import annotations
@@ -40,10 +41,18 @@ class IncrementalDetokenizer:
         return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> None:
-        """Adds one generated token; sets `stopped` when a stop string appears."""
+        """Adds one generated token; sets `stopped` when a stop string appears. Without stop
+        strings the decoding waits for the next `release` (one decode for all tokens since)."""
         if self.stopped:
             return
         self.ids.append(token_id)
+        if self.stop:
+            self._decode_new()
+
+    def _decode_new(self) -> None:
+        """Decodes the tokens added since the last decode into `text`, and looks for stop strings."""
+        if self._read_offset == len(self.ids) or self.stopped:
+            return
         if self._prefix_text is None:
             self._prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
         prefix = self._prefix_text
@@ -82,6 +91,7 @@ class IncrementalDetokenizer:
 
     def release(self, final: bool = False) -> str:
         """The new final text since the last call; with `final`, everything that is left."""
+        self._decode_new()
         end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
         if end <= self.num_emitted:
             return ""

@@ -165,6 +165,12 @@ class LLMEngine:
         stats.num_kv_blocks_free = self.blocks.num_free_blocks
         return stats
 
+    def take_text(self, request_id: str) -> str:
+        """The text of `request_id`'s tokens that its outputs have not carried yet ("" once it
+        finished: its last output carried the rest)."""
+        detok = self._detok.get(request_id)
+        return detok.release() if detok is not None else ""
+
     def take_finished(self) -> list[RequestStats]:
         """Stats of the requests that ended since the last call (call from the engine's thread)."""
         done, self._finished_stats = self._finished_stats, []
@@ -320,7 +326,9 @@ class LLMEngine:
             reason = structured  # nothing but EOS could follow: end now rather than sample it
         if reason is None and (seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.info.max_model_len):
             reason = "length"
-        text = detok.release(final=reason is not None)
+        # NOTE: a middle token of a request without stop strings leaves its text to `take_text`,
+        # called when its output is published: one decode per published item instead of per token
+        text = detok.release(final=reason is not None) if first or reason is not None or detok.stop else ""
         out = GenerationOutput(request_id=seq.request_id, text=text, token_ids=[token],
                                finished=reason is not None, finish_reason=reason,
                                num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)

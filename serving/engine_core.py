@@ -159,8 +159,15 @@ class StepLoop:
                 send = [held.pop(request_id) for request_id in urgent]
             else:
                 continue
-            if not self.sink.outputs([merged(outs) for outs in send], stats, self.engine.take_finished()):
+            if not self.sink.outputs([self._with_text(merged(outs)) for outs in send], stats,
+                                     self.engine.take_finished()):
                 return
+
+    def _with_text(self, out: GenerationOutput) -> GenerationOutput:
+        """`out` with the text its tokens left to publishing (LLMEngine.take_text)."""
+        if not out.finished:
+            out.text += self.engine.take_text(out.request_id)
+        return out
 
     # ---- watchdog thread ------------------------------------------------------------------------
 

@@ -90,6 +90,23 @@ def test_concurrent_streams_finish_with_the_right_tokens(engine):
     assert is_idle(engine)
 
 
+def test_middle_items_carry_their_text(engine):
+    """The engine decodes a request without stop strings only when an output is published: the
+    middle items still carry their text, and the streamed text is the full decode of the tokens."""
+    async def main():
+        ae = AsyncEngine(engine, max_waiting_requests=64)
+        try:
+            return await collect(ae.generate("texts", PROMPTS[3], greedy(24)))
+        finally:
+            ae.shutdown()
+
+    outs = asyncio.run(main())
+    ids = [t for o in outs for t in o.token_ids]
+    assert len(ids) == 24 and len(outs) > 2
+    assert "".join(o.text for o in outs) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert sum(bool(o.text) for o in outs[1:-1]) >= len(outs[1:-1]) // 2  # not all left to the last item
+
+
 def test_stream_interval_grows_with_the_number_of_streams(engine):
     ae = AsyncEngine(engine, max_waiting_requests=64, stream_interval_s=0.05, max_stream_items_per_s=300)
     ae._streams = {f"r{i}": None for i in range(4)}

@@ -132,3 +132,20 @@ def test_a_stop_string_that_never_appears_changes_nothing(tokenizer):
     for text in ASCII + MULTIBYTE:
         _, pieces = stream(tokenizer, encode(tokenizer, text), ("<never>", "zzzz"))
         assert "".join(pieces) == text
+
+
+@pytest.mark.parametrize("text", ASCII + MULTIBYTE)
+@pytest.mark.parametrize("every", [2, 3, 7, 50])
+def test_tokens_released_a_few_at_a_time_give_the_same_text(tokenizer, text, every):
+    """Without stop strings the decode waits for `release`: the engine asks once per published
+    item, after several tokens; the text is the same, and never half a character."""
+    ids = encode(tokenizer, text)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = []
+    for i, token in enumerate(ids, 1):
+        detok.add(token)
+        if i % every == 0:
+            pieces.append(detok.release())
+    pieces.append(detok.release(final=True))
+    assert "".join(pieces) == text
+    assert all(REPLACEMENT not in p for p in pieces)
