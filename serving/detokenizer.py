@@ -53,26 +53,36 @@ class IncrementalDetokenizer:
         """Decodes the tokens added since the last decode into `text`, and looks for stop strings."""
         if self._read_offset == len(self.ids) or self.stopped:
             return
+        if not self._decode_to(len(self.ids)) and len(self.ids) - self._read_offset > 1:
+            # NOTE: the last of several new tokens ends inside a character: the ones before it may
+            # still be whole text, so take them one at a time, as if each had been decoded on arrival
+            for end in range(self._read_offset + 1, len(self.ids)):
+                self._decode_to(end)
+
+    def _decode_to(self, end: int) -> bool:
+        """Decodes `ids[:end]` past the read offset into `text`; False (and nothing moves) while
+        that ends inside a character or adds nothing printable."""
         if self._prefix_text is None:
             self._prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
         prefix = self._prefix_text
-        full = self._decode(self.ids[self._prefix_offset:])
+        full = self._decode(self.ids[self._prefix_offset:end])
         if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
-            return  # an incomplete character (or nothing printable yet): wait for more tokens
+            return False  # an incomplete character (or nothing printable yet): wait for more tokens
         search_from = max(0, len(self.text) - self._longest_stop)
         self.text += full[len(prefix):]
-        self._read_offset = len(self.ids)
+        self._read_offset = end
         if self._read_offset - self._prefix_offset > 2 * _CONTEXT_TOKENS:
             self._prefix_offset = self._read_offset - _CONTEXT_TOKENS
             self._prefix_text = None
         else:
             self._prefix_text = full
-        if self.stop and len(self.ids) >= self.min_tokens:
+        if self.stop and end >= self.min_tokens:
             hit = self._find_stop(search_from)
             if hit is not None:
                 at, stop = hit
                 self.text = self.text[:at + len(stop)] if self.include_stop_str else self.text[:at]
                 self.stopped = True
+        return True
 
     def _find_stop(self, start: int) -> Optional[tuple[int, str]]:
         """The first stop string in the text from `start`: (where, which)."""

@@ -149,3 +149,22 @@ def test_tokens_released_a_few_at_a_time_give_the_same_text(tokenizer, text, eve
     pieces.append(detok.release(final=True))
     assert "".join(pieces) == text
     assert all(REPLACEMENT not in p for p in pieces)
+
+
+@pytest.mark.parametrize("text", MULTIBYTE)
+@pytest.mark.parametrize("every", [3, 50])
+def test_a_character_cut_at_the_end_holds_back_only_itself(tokenizer, text, every):
+    """Tokens that end inside a character (a model can stop there): released a few at a time, the
+    text before it is the same as when each token is decoded on arrival."""
+    ids = encode(tokenizer, text)
+    ids = ids[:max(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith(REPLACEMENT))]
+    _, eager = stream(tokenizer, ids, stop=("\x00never",))  # a stop string: decoded on arrival
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = []
+    for i, token in enumerate(ids, 1):
+        detok.add(token)
+        if i % every == 0:
+            pieces.append(detok.release())
+    pieces.append(detok.release(final=True))
+    assert "".join(pieces) == "".join(eager)
+    assert "".join(pieces).strip()
