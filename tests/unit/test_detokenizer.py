@@ -45,6 +45,19 @@ def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[Incre
     return detok, pieces
 
 
+def released_every(tokenizer, ids: list[int], every: int) -> list[str]:
+    """No stop strings, text asked for after every `every` tokens (as the engine asks once per
+    published item); the last piece is the final release."""
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = []
+    for i, token in enumerate(ids, 1):
+        detok.add(token)
+        if i % every == 0:
+            pieces.append(detok.release())
+    pieces.append(detok.release(final=True))
+    return pieces
+
+
 @pytest.mark.parametrize("text", ASCII + MULTIBYTE)
 def test_streamed_text_is_the_full_decode(tokenizer, text):
     ids = encode(tokenizer, text)
@@ -140,13 +153,7 @@ def test_tokens_released_a_few_at_a_time_give_the_same_text(tokenizer, text, eve
     """Without stop strings the decode waits for `release`: the engine asks once per published
     item, after several tokens; the text is the same, and never half a character."""
     ids = encode(tokenizer, text)
-    detok = IncrementalDetokenizer(tokenizer)
-    pieces = []
-    for i, token in enumerate(ids, 1):
-        detok.add(token)
-        if i % every == 0:
-            pieces.append(detok.release())
-    pieces.append(detok.release(final=True))
+    pieces = released_every(tokenizer, ids, every)
     assert "".join(pieces) == text
     assert all(REPLACEMENT not in p for p in pieces)
 
@@ -159,12 +166,6 @@ def test_a_character_cut_at_the_end_holds_back_only_itself(tokenizer, text, ever
     ids = encode(tokenizer, text)
     ids = ids[:max(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith(REPLACEMENT))]
     _, eager = stream(tokenizer, ids, stop=("\x00never",))  # a stop string: decoded on arrival
-    detok = IncrementalDetokenizer(tokenizer)
-    pieces = []
-    for i, token in enumerate(ids, 1):
-        detok.add(token)
-        if i % every == 0:
-            pieces.append(detok.release())
-    pieces.append(detok.release(final=True))
+    pieces = released_every(tokenizer, ids, every)
     assert "".join(pieces) == "".join(eager)
     assert "".join(pieces).strip()
