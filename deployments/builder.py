@@ -39,8 +39,9 @@ def build_app(config: AppConfig) -> serve.Application:
     # NOTE: past the router's own queue Serve's proxy answers 503 (plain text) with Retry-After
     overload = BackpressureConfig(status_code=503, retry_after_s=config.router.overload_retry_after_s)
     # NOTE: a redeploy replaces the router too: its streams must outlive the LLM servers' drains
-    shutdown = {"graceful_shutdown_timeout_s": max(m.serve.graceful_shutdown_timeout_s for m in config.models),
-                "graceful_shutdown_wait_loop_s": min(m.serve.graceful_shutdown_wait_loop_s for m in config.models)}
+    stop = config.router_shutdown
+    shutdown = {"graceful_shutdown_timeout_s": stop.graceful_shutdown_timeout_s,
+                "graceful_shutdown_wait_loop_s": stop.graceful_shutdown_wait_loop_s}
     return Router.options(num_replicas=config.router.num_replicas, logging_config=logging,
                           ray_actor_options={"num_cpus": config.router.num_cpus},
                           max_ongoing_requests=config.router.max_ongoing_requests,

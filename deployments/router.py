@@ -116,6 +116,10 @@ class Router:
         self.telemetry = _router_telemetry()
         self.cache = CacheClient([h.options(_by_reference=by_reference) for h in cache_handles], config.cache,
                                  self.telemetry)
+        # Each open request's current wait for its next output, by request: the drain ends them
+        self._waits: dict[int, asyncio.Timeout] = {}
+        self._shutting_down = False
+        self._stop_watch: Optional[asyncio.Task] = None
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
@@ -380,19 +384,60 @@ class Router:
             started[i] = True
 
     async def _with_timeout(self, request: AnyRequest, tenant: Optional[str]):
-        """The outputs, with a bound on the wait for each one (never a hung request)."""
+        """The outputs, with a bound on the wait for each one (never a hung request). Once this
+        replica stops and its drain timeout has passed, the wait ends with 503 `shutting_down`."""
+        if self._stop_watch is None:  # NOTE: here, not in __init__: an event loop runs now
+            self._stop_watch = asyncio.get_running_loop().create_task(self._drain_when_stopped())
         gen = self._outputs(request, tenant)
         timeout = self.config.router.request_timeout_s
+        key = id(gen)
         try:
             while True:
+                if self._shutting_down:
+                    raise self._shutdown_error()
                 try:
-                    async with asyncio.timeout(timeout):  # no task per item, unlike wait_for
+                    async with asyncio.timeout(timeout) as wait:  # no task per item, unlike wait_for
+                        self._waits[key] = wait
                         item = await gen.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    if self._shutting_down:
+                        raise self._shutdown_error()
                     raise UnavailableError(f"no output from the model within {timeout:.0f} s")
                 yield item
         finally:
+            self._waits.pop(key, None)
             await gen.aclose()
+
+    def _shutdown_error(self) -> UnavailableError:
+        return UnavailableError(
+            f"this router is shutting down (a redeploy or a scale-down) and the request did not finish within "
+            f"{self.config.router_shutdown.drain_timeout_s:.0f} s; retry it", code="shutting_down", retry_after=1.0)
+
+    async def _drain_when_stopped(self) -> None:
+        """Once Serve stops this replica, its open requests run for up to its drain timeout
+        (`AppConfig.router_shutdown`: longer than the LLM servers', whose clean 503s come through
+        first); then each ends with a 503 (an error event, then [DONE], for a stream) before Serve
+        kills the replica, instead of a stream cut mid-body. Such a request is one the old router
+        had routed to a *new* LLM replica."""
+        from deployments.stopping import wait_until_stopping
+
+        stop = self.config.router_shutdown
+        period = stop.graceful_shutdown_wait_loop_s
+        await wait_until_stopping(period, lambda: bool(self._waits))
+        timeout = stop.drain_timeout_s
+        logger.info("router stopping: %d requests open, draining for up to %.0f s", len(self._waits), timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._waits and loop.time() < deadline:
+            await asyncio.sleep(min(period, 0.25))
+        self._shutting_down = True
+        ended = len(self._waits)
+        for wait in list(self._waits.values()):
+            try:
+                wait.reschedule(loop.time())
+            except RuntimeError:  # between two outputs: the next wait sees `_shutting_down`
+                pass
+        logger.info("router stopping: drained; %d requests ended unfinished", ended)
 

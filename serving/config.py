@@ -306,6 +306,16 @@ class AppConfig(_Frozen):
                                  f"router.limits.max_output_tokens ({bound})")
         return self
 
+    @property
+    def router_shutdown(self) -> ServeOptions:
+        """The router's shutdown timing: a stop margin longer than the longest LLM server's, so a
+        stopping LLM server's clean 503s come through the router before its own drain ends what is
+        left (a request it routed to a new LLM replica), and before Serve kills it."""
+        return ServeOptions(
+            graceful_shutdown_timeout_s=max(m.serve.graceful_shutdown_timeout_s for m in self.models)
+            + SHUTDOWN_MARGIN_S,
+            graceful_shutdown_wait_loop_s=min(m.serve.graceful_shutdown_wait_loop_s for m in self.models))
+
     @classmethod
     def from_flat_args(cls, args: dict[str, Any]) -> "AppConfig":
         """Build the tree from `serve run` arguments (strings) or a Serve config's `args` (any types).

@@ -130,3 +130,15 @@ def test_graceful_shutdown_options_leave_the_requests_a_drain_timeout():
     assert LLMConfig().serve.drain_timeout_s >= 50  # a long generation on the embedded model fits
     with pytest.raises(ValueError, match="graceful_shutdown_timeout_s must exceed"):
         AppConfig.from_flat_args({"graceful_shutdown_timeout_s": "6"})
+
+
+def test_the_router_drains_for_longer_than_every_llm_server():
+    from serving.config import ModelConfig, ServeOptions
+
+    config = AppConfig(models=tuple(
+        LLMConfig(model=ModelConfig(name=name), serve=ServeOptions(graceful_shutdown_timeout_s=t,
+                                                                   graceful_shutdown_wait_loop_s=w))
+        for name, t, w in (("a", 30.0, 2.0), ("b", 10.0, 0.5))))
+    stop = config.router_shutdown
+    assert stop.graceful_shutdown_timeout_s == 33.0 and stop.graceful_shutdown_wait_loop_s == 0.5
+    assert stop.drain_timeout_s > max(m.serve.drain_timeout_s for m in config.models) + 2
