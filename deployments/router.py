@@ -18,7 +18,7 @@ import os
 from typing import AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -83,19 +83,45 @@ def _router_telemetry():
     return RouterTelemetry()
 
 
+DONE = "data: [DONE]\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
 async def _sse(first: str, rest) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI sends them (`rest` yields finished `data:` lines), ending with
-    `data: [DONE]`; an error mid-stream becomes an error event."""
+    """Server-sent events as OpenAI sends them (`rest` yields finished `data:` lines; the last one
+    ends with `DONE`); an error mid-stream becomes an error event, then `DONE`."""
+    done = first.endswith(DONE)
     try:
         yield first
-        async for line in rest:
+        async for line in rest:  # NOTE: to its end, also past `DONE`: the model's stream ends, not cancelled
+            done = line.endswith(DONE)
             yield line
     except Exception as e:
         err = as_serving_error(e) or ServingError(f"internal error: {type(e).__name__}")
-        yield f"data: {json.dumps(err.to_dict())}\n\n"
+        yield f"data: {json.dumps(err.to_dict())}\n\n" + DONE
+        return
     finally:
         await rest.aclose()
-    yield "data: [DONE]\n\n"
+    if not done:  # a stream that ended without its last output
+        yield DONE
+
+
+class SSEResponse(StreamingResponse):
+    """A stream of SSE lines whose last one (ending with `DONE`) closes the body in the same
+    message: one socket write for the last chunk, the usage chunk, [DONE] and the end of the
+    chunked body, where Starlette's StreamingResponse writes each separately."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for line in self.body_iterator:
+            if not ended:
+                ended = line.endswith(DONE)
+                await send({"type": "http.response.body", "body": line.encode(), "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # NOTE: Serve pickles the ingress class by value; helpers it calls must be defined above it.
@@ -106,8 +132,9 @@ class Router:
                  config: AppConfig):
         by_reference = config.router.handle_transport == "ray"
         self.llms = {name: h.options(_by_reference=by_reference) for name, h in llm_handles.items()}
-        # NOTE: made once: `options()` builds a new handle, a cost on every request otherwise
-        self._llm_streams = {name: h.options(stream=True) for name, h in self.llms.items()}
+        # NOTE: made once: `options()` (and `handle.generate`, which calls it) builds a new handle, a
+        # cost on every request otherwise
+        self._llm_generate = {name: h.options(stream=True, method_name="generate") for name, h in self.llms.items()}
         self.config = config
         keys = load_api_keys(config.router.api_keys_file, os.environ)
         self.api_keys = ApiKeys(keys) if keys else None  # None: keys are off
@@ -186,7 +213,11 @@ class Router:
                 return JSONResponse((await self._complete(request, tenant)).model_dump())
             stream = self._sse_lines(request, tenant)
             first = await stream.__anext__()  # errors before the first chunk still get a status code
-            return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
+            if first.endswith(DONE):  # the whole stream in its first item (a short answer, a cache hit)
+                async for _ in stream:  # NOTE: the model's stream ends (nothing follows), not cancelled
+                    pass
+                return Response(first, media_type="text/event-stream")
+            return SSEResponse(_sse(first, stream), media_type="text/event-stream")
         except Exception as e:
             err = as_serving_error(e, self.config.router.overload_retry_after_s)
             if err is None:
@@ -237,7 +268,7 @@ class Router:
                        tenant: Optional[str]) -> AsyncIterator[tuple[int, GenerationOutput, bool]]:
         """(choice index, output, cached): one from the cache on a hit, else the model's stream(s).
         `tenant` partitions the cache (serving/auth.py `cache_tenant`; None: the request's `user`)."""
-        handle = self._llm_streams.get(request.model)
+        handle = self._llm_generate.get(request.model)
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         if request.n > 1:
@@ -256,11 +287,11 @@ class Router:
         texts = []
         for attempt in (0, 1):
             try:
-                async for out in handle.generate.remote(request, unique_id("req")):
+                async for out in handle.remote(request, unique_id("req")):
                     texts.append(out.text)
-                    yield 0, out, False
                     if out.finished and lookup is not None and lookup[2].write and out.finish_reason != "abort":
                         self.cache.insert_later(lookup, "".join(texts), out)
+                    yield 0, out, False
                 return
             except Exception as e:
                 if not replica_died(e):
@@ -280,7 +311,7 @@ class Router:
 
         async def pump(index: int, choice: AnyRequest):
             try:
-                async for out in handle.generate.remote(choice, unique_id("req")):
+                async for out in handle.remote(choice, unique_id("req")):
                     queue.put_nowait((index, out, None))
             except Exception as e:
                 queue.put_nowait((index, None, e))
@@ -365,12 +396,15 @@ class Router:
                 yield chunks.usage_chunk(cached)
 
     async def _sse_lines(self, request: AnyRequest, tenant: Optional[str]):
-        """The same chunks as `_stream_chunks`, as SSE `data:` lines."""
+        """The same chunks as `_stream_chunks`, as SSE `data:` lines; the last ends with `DONE`."""
         chunks = StreamChunks(request, await self._prompt_text(request))
         async for i, out, cached, first in self._stream_items(request, tenant):
-            yield chunks.sse_line(i, out, cached, first)
-            if out.finished and chunks.all_finished and request.include_usage:
-                yield f"data: {chunks.usage_chunk(cached).model_dump_json()}\n\n"
+            line = chunks.sse_line(i, out, cached, first)
+            if out.finished and chunks.all_finished:  # the last line: one write with what follows it
+                if request.include_usage:
+                    line += f"data: {chunks.usage_chunk(cached).model_dump_json()}\n\n"
+                line += DONE
+            yield line
 
     async def _stream_items(self, request: AnyRequest, tenant: Optional[str]):
         """(choice index, output, cached, first) for every output a stream sends: an empty middle one

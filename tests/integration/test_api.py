@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 
 import httpx
 import pytest
@@ -84,6 +85,21 @@ def test_openai_client_completions_and_chat(client, hf):
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
     assert stream[-1].choices[0].finish_reason is not None
+
+
+def test_a_stream_whose_first_item_ends_it_is_sent_as_one_body(llm_app, client):
+    body = {"model": TINY_NAME, "prompt": "The quick brown fox", "max_tokens": 1, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "cache": {"skip": True, "no_store": True}}
+    r = httpx.post(llm_app + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" in r.headers and "transfer-encoding" not in r.headers  # one body, not chunked
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) == 3
+    assert json.loads(events[0])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(events[1])["usage"]["completion_tokens"] == 1
+    chunks = list(client.completions.create(model=TINY_NAME, prompt="The quick brown fox", max_tokens=1,
+                                            temperature=0, stream=True, extra_body={"cache": body["cache"]}))
+    assert len(chunks) == 1 and chunks[0].choices[0].finish_reason == "length"
 
 
 def test_models_and_health(client, llm_app):
