@@ -23,7 +23,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 from serving.engine import LLMEngine
 from serving.engine_core import EngineCoreClient, StepLoop
 from serving.errors import InvalidRequestError, OverloadedError, ServingError, UnavailableError
-from serving.protocol import GenerationOutput
+from serving.protocol import GenerationOutput, merge_outputs
 from serving.sampling import SamplingParams
 from serving.stats import RequestStats, StepStats
 
@@ -34,14 +34,10 @@ class _Stream:
     """One request's outputs on the event loop: what the step thread produced and the consumer has
     not taken yet, merged into one item (fewer, bigger items when the consumer is slower)."""
 
-    __slots__ = ("texts", "token_ids", "logprobs", "prompt_logprobs", "last", "error", "wake", "holding", "retry")
+    __slots__ = ("pending", "error", "wake", "holding", "retry")
 
     def __init__(self):
-        self.texts: list[str] = []
-        self.token_ids: list[int] = []
-        self.logprobs: list = []  # of the merged outputs, when the request asked for them
-        self.prompt_logprobs = None
-        self.last: Optional[GenerationOutput] = None  # the newest output not yet taken
+        self.pending: list[GenerationOutput] = []  # outputs not yet taken, oldest first
         self.error: Optional[BaseException] = None
         self.wake = asyncio.Event()  # set when the consumer should look
         self.holding = False  # the consumer is spacing its items (see AsyncEngine.generate)
@@ -50,13 +46,7 @@ class _Stream:
         self.retry: Optional[tuple] = None
 
     def add(self, out: GenerationOutput) -> None:
-        self.texts.append(out.text)
-        self.token_ids += out.token_ids
-        if out.logprobs is not None:
-            self.logprobs += out.logprobs
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.last = out
+        self.pending.append(out)
         self.retry = None
         if not self.holding or out.finished:  # NOTE: a finished request's last item never waits
             self.wake.set()
@@ -66,12 +56,8 @@ class _Stream:
         self.wake.set()
 
     def take(self) -> GenerationOutput:
-        out, self.last = self.last, None
-        if len(self.texts) > 1:
-            out = GenerationOutput(out.request_id, "".join(self.texts), self.token_ids, out.finished,
-                                   out.finish_reason, out.num_prompt_tokens, out.num_output_tokens,
-                                   self.logprobs if out.logprobs is not None else None, self.prompt_logprobs)
-        self.texts, self.token_ids, self.logprobs, self.prompt_logprobs = [], [], [], None
+        out = merge_outputs(self.pending)
+        self.pending = []
         return out
 
 
@@ -143,10 +129,10 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                if stream.last is None and stream.error is None:
+                if not stream.pending and stream.error is None:
                     stream.wake.clear()
                     await stream.wake.wait()
-                if stream.last is None:  # NOTE: tokens produced before a failure go out first
+                if not stream.pending:  # NOTE: tokens produced before a failure go out first
                     raise stream.error
                 item = stream.take()
                 finished = item.finished

@@ -28,7 +28,7 @@ from typing import Optional, Protocol
 
 from serving.engine import LLMEngine
 from serving.errors import ServingError, UnavailableError
-from serving.protocol import GenerationOutput
+from serving.protocol import GenerationOutput, merge_outputs
 from serving.sampling import SamplingParams
 from serving.stats import RequestStats, StepStats
 
@@ -159,7 +159,7 @@ class StepLoop:
                 send = [held.pop(request_id) for request_id in urgent]
             else:
                 continue
-            if not self.sink.outputs([self._with_text(merged(outs)) for outs in send], stats,
+            if not self.sink.outputs([self._with_text(merge_outputs(outs)) for outs in send], stats,
                                      self.engine.take_finished()):
                 return
 
@@ -193,17 +193,6 @@ class StepLoop:
         if self.error is None:
             self.error = e
             self.sink.failed(e)
-
-
-def merged(outs: list[GenerationOutput]) -> GenerationOutput:
-    """One request's consecutive outputs as one."""
-    if len(outs) == 1:
-        return outs[0]
-    first, last = outs[0], outs[-1]
-    logprobs = None if last.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
-    return GenerationOutput(last.request_id, "".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
-                            last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
-                            logprobs, first.prompt_logprobs)
 
 
 # ---- the engine in a process of its own: both ends of the socket ---------------------------------

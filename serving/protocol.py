@@ -499,3 +499,16 @@ class GenerationOutput:
     num_output_tokens: int = 0
     logprobs: Optional[list[TokenLogprob]] = None  # one per new token id, when asked
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # on the first output, when asked
+
+
+def merge_outputs(outs: list[GenerationOutput]) -> GenerationOutput:
+    """One request's consecutive outputs as one item: their texts, token ids and log-probabilities
+    joined, the last one's state; the prompt log-probabilities (sent once) kept."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    logprobs = None if last.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
+    prompt_logprobs = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+    return GenerationOutput(last.request_id, "".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
+                            last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
+                            logprobs, prompt_logprobs)
