@@ -1,7 +1,9 @@
-"""`python -m bench.coldstart`: a replica's cold start, phase by phase, and peak host memory per rank.
+"""`python -m bench.coldstart [--size 125m|1b] [--modes ...]`: a replica's cold start, phase by
+phase, and peak host memory per rank.
 
-A random-weights Llama made from a config (about 125M parameters, float32 safetensors, made once
-under /tmp) is loaded three ways, each in fresh processes (one per rank, gloo on CPU):
+A random-weights Llama made from a config (`--size`: about 125M parameters, the default, or 1.1B
+in TinyLlama's shape; float32 safetensors, made once under /tmp/coldstart-llama-<size>) is loaded
+three ways, each in fresh processes (one per rank, gloo on CPU), one mode after the other:
 - `tp1`: one process, `serving.model_loader.load_model` (what a TP=1 replica does);
 - `tp2-full`: two ranks that each load the whole model, then shard it with AutoTP (the old path);
 - `tp2-sharded`: two ranks that shard the meta-device model, then read only their own slices
@@ -9,35 +11,59 @@ under /tmp) is loaded three ways, each in fresh processes (one per rank, gloo on
 Per rank: seconds for the imports, the sharding (process group, AutoTP; in `tp2-sharded` also
 building the meta-device model), the weights (`from_pretrained`, or reading the slices), the first
 forward; RSS after the imports and peak RSS (VmHWM). Also the seconds a Ray
-actor takes to answer its first call. Writes bench/results/coldstart-<time>.json.
+actor takes to answer its first call. Writes bench/results/coldstart-<size>-<time>.json.
+
+At 1.1B (4.1 GiB of weights) `tp2-full` is left out unless asked for: its two ranks each hold the
+whole model at once (about 10 GiB together), more than a 24 GiB machine shared with other work
+should take.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import time
 from pathlib import Path
 
-T_START = time.monotonic()
+_COMMON = dict(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+SIZES = {
+    # hidden 768, 12 layers, 12 heads (4 KV heads), MLP 2048: ~125M parameters, 477 MiB
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048, **_COMMON),
+    # TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads (4 KV heads), MLP 5632: 1.1B, 4.1 GiB
+    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+               intermediate_size=5632, **_COMMON),
+}
 
-MODEL_DIR = Path("/tmp/coldstart-llama-125m")
-# hidden 768, 12 layers, 12 heads (4 KV heads), MLP 2048, vocabulary 32000: ~125M parameters
-LLAMA = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-             intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+def model_dir(size: str) -> Path:
+    return Path(f"/tmp/coldstart-llama-{size}")
 
 
-def make_model() -> tuple[str, int]:
+def _save_model(size: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(MODEL_DIR)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SIZES[size])).save_pretrained(model_dir(size))
+
+
+def make_model(size: str) -> tuple[str, int]:
+    """(the model's folder, its number of parameters); made once, in a child process, so that
+    this process never holds the whole model while it measures the ranks."""
+    import multiprocessing as mp
+
+    path = model_dir(size)
+    if not (path / "model.safetensors").is_file():
+        p = mp.get_context("spawn").Process(target=_save_model, args=(size,))
+        p.start()
+        p.join()
+        assert p.exitcode == 0, f"making the {size} model failed (exit code {p.exitcode})"
     from serving.model_loader import checkpoint_shapes
 
-    return str(MODEL_DIR), sum(math.prod(s) for s in checkpoint_shapes(str(MODEL_DIR)).values())
+    return str(path), sum(math.prod(s) for s in checkpoint_shapes(str(path)).values())
 
 
 def _mib(field: str) -> float:
@@ -83,6 +109,8 @@ def _rank(rank: int, world_size: int, mode: str, path: str, port: int, queue) ->
 
 
 def run_mode(mode: str, path: str) -> list[dict]:
+    """Runs one mode's ranks and returns their rows; returns only once they have all exited, so
+    two modes never hold memory at the same time."""
     import torch.multiprocessing as mp
 
     from parallel.worker import _free_port
@@ -91,7 +119,7 @@ def run_mode(mode: str, path: str) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     t = time.monotonic()
-    mp.spawn(_rank, args=(world_size, how, path, _free_port(), queue), nprocs=world_size)
+    mp.spawn(_rank, args=(world_size, how, path, _free_port(), queue), nprocs=world_size, join=True)
     rows = sorted((queue.get() for _ in range(world_size)), key=lambda r: r["rank"])
     for r in rows:
         r["process_wall_s"] = time.monotonic() - t
@@ -115,21 +143,34 @@ def ray_actor_start_s() -> float:
         ray.shutdown()
 
 
-def main() -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="125m", help="the random-weights Llama (default 125m)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                   help="the loading modes to run (default: all; at 1b, tp1 and tp2-sharded)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
     from bench.harness import RESULTS_DIR
 
-    path, num_params = make_model()
-    out = {"model": {"num_params": num_params, **LLAMA, "dtype": "float32"},
-           "modes": {mode: run_mode(mode, path) for mode in MODES},
+    args = parse_args(argv)
+    modes = args.modes or ([m for m in MODES if m != "tp2-full"] if args.size == "1b" else list(MODES))
+    path, num_params = make_model(args.size)
+    out = {"model": {"size": args.size, "num_params": num_params, **SIZES[args.size], "dtype": "float32"},
+           "modes": {mode: run_mode(mode, path) for mode in modes},
            "ray_actor_first_call_s": ray_actor_start_s()}
     peak = {m: max(r["peak_rss_mib"] for r in rows) for m, rows in out["modes"].items()}
     above = {m: max(r["peak_rss_mib"] - r["rss_after_imports_mib"] for r in rows) for m, rows in out["modes"].items()}
-    out["ratios"] = {"peak_rss_tp2_sharded_over_tp1": round(peak["tp2-sharded"] / peak["tp1"], 2),
-                     "peak_rss_tp2_full_over_tp1": round(peak["tp2-full"] / peak["tp1"], 2),
-                     "peak_above_imports_tp2_sharded_over_tp1": round(above["tp2-sharded"] / above["tp1"], 2),
-                     "peak_above_imports_tp2_full_over_tp1": round(above["tp2-full"] / above["tp1"], 2)}
+    out["ratios"] = {}
+    if "tp1" in peak:
+        for m in (m for m in peak if m != "tp1"):
+            name = m.replace("-", "_")
+            out["ratios"][f"peak_rss_{name}_over_tp1"] = round(peak[m] / peak["tp1"], 2)
+            out["ratios"][f"peak_above_imports_{name}_over_tp1"] = round(above[m] / above["tp1"], 2)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS_DIR / f"coldstart-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    dest = RESULTS_DIR / f"coldstart-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     dest.write_text(json.dumps(out, indent=2))
     print(f"model: {num_params / 1e6:.0f}M parameters, float32")
     for mode, rows in out["modes"].items():
