@@ -4,7 +4,7 @@ or a hub id (where a hub is reachable)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from serving.config import ModelConfig
 
@@ -77,6 +77,32 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+_PROBES = ("Hello, world!", "  The quick brown fox\n\njumps over 3.14 lazy dogs.", "héllo wörld ünïcode 日本語 🙂",
+           "<s>a</s> [INST] b [/INST]")
+
+
+def encoder(tokenizer) -> Callable[[str, bool], list[int]]:
+    """`encode(text, add_special_tokens)`: the token ids `tokenizer(text, ...)` gives. For a fast
+    tokenizer it calls its Rust tokenizer directly (35 us against 75 us for a 24-token prompt here:
+    transformers' `__call__` wraps it in much Python), once that has given the same ids as the
+    tokenizer's own call on a few probe texts; otherwise the tokenizer's own call."""
+    def slow(text: str, add_special_tokens: bool = True) -> list[int]:
+        return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return slow
+
+    def fast(text: str, add_special_tokens: bool = True) -> list[int]:
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    try:
+        same = all(fast(t, special) == slow(t, special) for t in _PROBES for special in (True, False))
+    except Exception:  # NOTE: a backend that cannot take these arguments: the tokenizer's own call
+        same = False
+    return fast if same else slow
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
