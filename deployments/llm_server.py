@@ -21,6 +21,7 @@ from typing import AsyncIterator, Optional, Union
 from ray import serve
 
 from deployments.autoscaling import ReplicaLoad, autoscaling_options
+from deployments.gc_tuning import tune_gc
 from serving.config import LLMConfig
 from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
 
@@ -32,7 +33,7 @@ class LLMServer:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from parallel.build import build_engine, resolve_device
         from serving.async_engine import AsyncEngine
-        from serving.model_loader import load_model_info, load_tokenizer
+        from serving.model_loader import encoder, load_model_info, load_tokenizer
 
         self.config = config
         self.device = device = resolve_device(config)
@@ -44,6 +45,7 @@ class LLMServer:
         else:
             engine = build_engine(config, device)
             self.info, self.tokenizer, self.num_kv_blocks = engine.info, engine.tokenizer, engine.blocks.num_blocks
+        self._encode = encoder(self.tokenizer)
         self.telemetry = _engine_telemetry(self.info.name, config.serve.price_per_hour)
         self.engine = AsyncEngine(engine, config.scheduler.max_waiting_requests, on_step=self._on_step,
                                   stream_interval_s=config.scheduler.stream_interval_s,
@@ -60,6 +62,7 @@ class LLMServer:
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
                     config.parallel.engine_process)
+        tune_gc()
 
     def _start_engine_process(self):
         """A new engine process (rank 0; it starts the other ranks) in bundle 0; its client."""
@@ -114,10 +117,10 @@ class LLMServer:
         if isinstance(request, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text} for m in request.messages]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return self._encode(text, False)
         if isinstance(request.prompt, list):
             return list(request.prompt)
-        return self.tokenizer(request.prompt).input_ids
+        return self._encode(request.prompt, True)
 
     def sampling_params(self, request, num_prompt_tokens: int):
         from serving.sampling import request_sampling_params
@@ -188,7 +191,7 @@ class LLMServer:
                                                       tokenize=False)
         else:
             text = request.prompt
-        ids = self.tokenizer(text, add_special_tokens=request.add_special_tokens).input_ids
+        ids = self._encode(text, request.add_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.info.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump()

@@ -29,6 +29,7 @@ from serving.errors import AuthenticationError, ContextLengthError, ModelNotFoun
 from serving.limits import check_limits, read_body
 from deployments.cache_client import CacheClient
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
+from deployments.gc_tuning import tune_gc
 from deployments.openapi import operation, publish
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
@@ -111,7 +112,33 @@ async def _sse(first: str, rest) -> AsyncIterator[str]:
 class SSEResponse(StreamingResponse):
     """A stream of SSE lines whose last one (ending with `DONE`) closes the body in the same
     message: one socket write for the last chunk, the usage chunk, [DONE] and the end of the
-    chunked body, where Starlette's StreamingResponse writes each separately."""
+    chunked body, where Starlette's StreamingResponse writes each separately.
+
+    A client that goes away cancels the stream (its generators close, so the model's stream is
+    cancelled and the engine aborts the sequence), as in Starlette; but one plain task listens for
+    the disconnect, where Starlette runs both in an anyio task group (a group, a task and cancel
+    scopes per response: about 5% of the router's CPU per 2-token request)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        gone = False
+
+        async def listen() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            streaming.cancel()  # NOTE: delivered at the stream's current await, inside stream_response
+
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            streaming.uncancel()  # the client's disconnect, not a cancellation of this request
+        finally:
+            listener.cancel()
 
     async def stream_response(self, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -147,6 +174,7 @@ class Router:
         self._waits: dict[int, asyncio.Timeout] = {}
         self._shutting_down = False
         self._stop_watch: Optional[asyncio.Task] = None
+        tune_gc()
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
