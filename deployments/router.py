@@ -87,9 +87,6 @@ def _router_telemetry():
 DONE = "data: [DONE]\n\n"
 
 
-DONE = "data: [DONE]\n\n"
-
-
 async def _sse(first: str, rest) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them (`rest` yields finished `data:` lines; the last one
     ends with `DONE`); an error mid-stream becomes an error event, then `DONE`."""
@@ -352,7 +349,9 @@ class Router:
             while left:
                 index, out, error = await queue.get()
                 if error is not None:
-                    raise ReplicaDiedError() from error if replica_died(error) else error
+                    if replica_died(error):
+                        raise ReplicaDiedError() from error
+                    raise error  # NOTE: the choice's own error (a 400 stays a 400), not a dead replica
                 yield index, out, False
                 left -= out.finished
         finally:

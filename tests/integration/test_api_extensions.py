@@ -138,6 +138,16 @@ def test_completions_echo_logprobs_score_the_prompt(llm_app, hf):
         completion_chunk(c)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n2_whose_choices_fail_with_a_4xx_gets_that_4xx_not_a_503(llm_app, stream):
+    # NOTE: each choice is its own request; its error (here: too long for the context) is the
+    # answer's, not a dead replica's (it was once turned into 503 replica_died)
+    body = {"model": TINY_NAME, "prompt": "word " * 500, "max_tokens": 900, "n": 2, "stream": stream, **NO_CACHE}
+    r = httpx.post(llm_app + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["param"] == "prompt"
+
+
 def test_seeded_n2_is_reproducible_its_choices_differ_and_streams_with_indexes(llm_app):
     body = dict(prompt="The quick brown fox", max_tokens=12, temperature=1.0, seed=11, n=2)
     a, b = completion(llm_app, **body), completion(llm_app, **body)
