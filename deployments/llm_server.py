@@ -21,7 +21,6 @@ from typing import AsyncIterator, Optional, Union
 from ray import serve
 
 from deployments.autoscaling import ReplicaLoad, autoscaling_options
-from deployments.gc_tuning import tune_gc
 from serving.config import LLMConfig
 from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
 
@@ -62,7 +61,6 @@ class LLMServer:
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
                     config.parallel.engine_process)
-        tune_gc()
 
     def _start_engine_process(self):
         """A new engine process (rank 0; it starts the other ranks) in bundle 0; its client."""

@@ -29,7 +29,6 @@ from serving.errors import AuthenticationError, ContextLengthError, ModelNotFoun
 from serving.limits import check_limits, read_body
 from deployments.cache_client import CacheClient
 from deployments.chunks import StreamChunks, chat_logprobs, completion_logprobs, usage_of
-from deployments.gc_tuning import tune_gc
 from deployments.openapi import operation, publish
 from serving.protocol import (
     AnyRequest, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage, CompletionChoice,
@@ -171,7 +170,6 @@ class Router:
         self._waits: dict[int, asyncio.Timeout] = {}
         self._shutting_down = False
         self._stop_watch: Optional[asyncio.Task] = None
-        tune_gc()
 
     # ---- HTTP routes --------------------------------------------------------------------------
 
