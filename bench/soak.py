@@ -8,10 +8,12 @@ that it is full and evicting before minute 1 and its growth after that is not ne
 and, a `--repeat-fraction` of the time, a recent prompt again (a hit), for `--minutes`.
 
 Every `--sample-s` it records the resident memory (RSS) of every process of the stack. At the end
-it prints, per process, RSS at minute 1 and at the end and the growth, and per minute the requests,
+it prints, per process, its median RSS over minute 2 (the first minute after start-up) and over the
+last minute, and the growth between them (medians: one sample can land inside a batch's transient
+peak), with the growth between the two single samples beside it; and per minute the requests,
 errors and output tokens/s. It exits 1 if any request failed (a non-200 or an error event), any
-process grew by `--growth-limit` % or more from minute 1 to the end, or a process of the stack
-went away or appeared (a replica replaced) after minute 1.
+process grew by `--growth-limit` % or more (medians), or a process of the stack went away or
+appeared (a replica replaced) after minute 1.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Iterator, Optional, Sequence
@@ -33,6 +36,7 @@ from bench.harness import (INGRESS_HELP, INGRESSES, deploy, floats, llm_stats, r
 # (router, cache partitions, LLM servers), engine processes, further ranks and draft workers.
 STACK = ("ServeController", "ProxyActor", "haproxy", "ServeReplica:", "EngineProcess", "TPWorker", "DraftWorker")
 BASELINE_S = 60.0  # growth is measured from the first sample at or after minute 1: start-up is over
+WINDOW_S = 60.0  # ... as medians over that minute and over the last one
 REPEAT_WINDOW = 100  # repeats come from the last fresh prompts, which a full cache still holds
 SATURATED_GAIN = 1.10  # the ramp stops after two points in a row that add less than 10% to the best tokens/s
 Samples = list[tuple[float, dict[int, tuple[str, int]]]]  # (seconds into the soak, pid -> (label, RSS bytes))
@@ -102,17 +106,29 @@ def cache_stats(target: str) -> list[dict]:
     return [serve.get_deployment_handle(n, app_name=target).stats.remote().result(timeout_s=30) for n in names]
 
 
-def growth(samples: Samples, from_s: float = BASELINE_S) -> list[dict]:
-    """Per process of the first sample at or after `from_s` or of the last: RSS then and at the end
-    (None where it was not there) and the growth in % (None unless it was there at both)."""
-    base = next((procs for t, procs in samples if t >= from_s), samples[-1][1])
-    last = samples[-1][1]
+def growth(samples: Samples, from_s: float = BASELINE_S, window_s: float = WINDOW_S) -> list[dict]:
+    """Per process: its median RSS over the minute from `from_s` (start) and over the last
+    `window_s` of the run (end), and the growth between them in %; also the growth between the two
+    single samples (the first at or after `from_s`, the last), `point_growth_pct`. A median, because
+    one sample may land inside a batch's transient peak (the cache's embedding forward: +/-50 MiB).
+    A process counts from the first sample at or after `from_s` and to the last; None where it was
+    not there (went away, or appeared)."""
+    first = next((i for i, (t, _) in enumerate(samples) if t >= from_s), len(samples) - 1)
+    base, last = samples[first][1], samples[-1][1]
+    start_window = [procs for t, procs in samples[first:] if t < samples[first][0] + window_s]
+    end_window = [procs for t, procs in samples if t > samples[-1][0] - window_s]
+
+    def median(window: list, pid: int) -> int:
+        return int(statistics.median(procs[pid][1] for procs in window if pid in procs))
+
     rows = []
     for pid in sorted(base.keys() | last.keys(), key=lambda p: ((base.get(p) or last.get(p))[0], p)):
-        start, end = base.get(pid, (None, None))[1], last.get(pid, (None, None))[1]
-        pct = 100.0 * (end - start) / start if start and end is not None else None
+        start = median(start_window, pid) if pid in base else None
+        end = median(end_window, pid) if pid in last else None
+        both = start and end is not None
         rows.append({"label": (base.get(pid) or last[pid])[0], "pid": pid, "start_bytes": start,
-                     "end_bytes": end, "growth_pct": pct})
+                     "end_bytes": end, "growth_pct": 100.0 * (end - start) / start if both else None,
+                     "point_growth_pct": 100.0 * (last[pid][1] - base[pid][1]) / base[pid][1] if both else None})
     return rows
 
 
@@ -215,11 +231,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"- cache partition {c['cache_partition']} at the end: {c['cache_entries']} entries, "
               f"{c['cache_bytes'] / 2**20:.1f} of {c['cache_capacity_bytes'] / 2**20:.1f} MiB, "
               f"{c['cache_evictions_total']} evictions")
-    print("\n| process | pid | RSS minute 1 (MiB) | RSS end (MiB) | growth |\n|---|---|---|---|---|")
+    print("\n| process | pid | RSS minute 2, median (MiB) | RSS last minute, median (MiB) | growth (medians) "
+          "| growth (two samples) |\n|---|---|---|---|---|---|")
     mib = lambda b: "—" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
     for row in memory:
-        pct = "—" if row["growth_pct"] is None else f"{row['growth_pct']:+.2f}%"
-        print(f"| {row['label']} | {row['pid']} | {mib(row['start_bytes'])} | {mib(row['end_bytes'])} | {pct} |")
+        pct, point = ("—" if row[k] is None else f"{row[k]:+.2f}%" for k in ("growth_pct", "point_growth_pct"))
+        print(f"| {row['label']} | {row['pid']} | {mib(row['start_bytes'])} | {mib(row['end_bytes'])} | {pct} "
+              f"| {point} |")
     print("\n| minute | requests | errors | out tok/s |\n|---|---|---|---|")
     for row in minutes:
         print(f"| {row['minute']} | {row['requests']} | {row['errors']} | {row['tokens_per_s']:.1f} |")

@@ -22,6 +22,7 @@ from ray import serve
 from serving.cache.key import CacheKey
 from serving.cache.types import CacheHit, CachedAnswer
 from serving.config import CacheConfig
+from serving.heap import start_heap_trimmer
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,6 +44,7 @@ class SemanticCache:
             raise ValueError(f"partition {partition} not in [0, {config.num_replicas})")
         self.config = config
         self.partition = partition
+        start_heap_trimmer()  # serving/heap.py: the soak's memory bar
         model_path = config.embedding_model or default_model_path()
         encode, dim = load_encoder(model_path, num_threads=config.embedding_threads,
                                    max_batch_size=config.embedding_batch_size)

@@ -22,6 +22,7 @@ from ray import serve
 
 from deployments.autoscaling import ReplicaLoad, autoscaling_options
 from serving.config import LLMConfig
+from serving.heap import start_heap_trimmer
 from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
 
 logger = logging.getLogger("ray.serve")
@@ -30,6 +31,7 @@ logger = logging.getLogger("ray.serve")
 class LLMServer:
     def __init__(self, config: LLMConfig):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        start_heap_trimmer()  # serving/heap.py: the soak's memory bar
         from parallel.build import build_engine, resolve_device
         from serving.async_engine import AsyncEngine
         from serving.model_loader import encoder, load_model_info, load_tokenizer

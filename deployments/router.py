@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.auth import ApiKeys, cache_tenant, load_api_keys
 from serving.config import AppConfig
+from serving.heap import start_heap_trimmer
 from serving.errors import AuthenticationError, ContextLengthError, ModelNotFoundError, ServingError, UnavailableError
 from serving.limits import check_limits, read_body
 from deployments.cache_client import CacheClient
@@ -153,6 +154,7 @@ class SSEResponse(StreamingResponse):
 class Router:
     def __init__(self, llm_handles: dict[str, DeploymentHandle], cache_handles: list[DeploymentHandle],
                  config: AppConfig):
+        start_heap_trimmer()  # serving/heap.py: the soak's memory bar
         by_reference = config.router.handle_transport == "ray"
         self.llms = {name: h.options(_by_reference=by_reference) for name, h in llm_handles.items()}
         # NOTE: made once: `options()` (and `handle.generate`, which calls it) builds a new handle, a

@@ -14,8 +14,6 @@ still waits for.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import re
 import time
@@ -26,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from serving.cache.lexicon import STOPWORDS
+from serving.heap import heap_trimmer
 
 # Lower-cased word -> its unit vector [dim] float16 (function words left out: the verifier never
 # aligns them).
@@ -91,23 +90,6 @@ def load_encoder(model_path: Optional[str] = None, num_threads: Optional[int] = 
 # mmap threshold or padding to fixed lengths cost 15-25%. At every 2 s the 10-minute soak's cache
 # replica stayed within 5% (docs/benchmark-results.md).
 HEAP_TRIM_INTERVAL_S = 2.0
-
-
-def heap_trimmer(interval_s: float) -> Callable[[], None]:
-    """A function that returns the C heap's free pages to the OS (glibc's `malloc_trim`) if its last
-    trim was `interval_s` or more ago; a no-op where the C library has no `malloc_trim`."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    last = [time.monotonic()]
-
-    def maybe_trim() -> None:
-        now = time.monotonic()
-        if now - last[0] >= interval_s:
-            last[0] = now
-            trim(0)
-    return maybe_trim
 
 
 def word_vectors(text: str, tokens: np.ndarray, offsets: list[tuple[int, int]]) -> WordVectors:

@@ -30,7 +30,7 @@ from serving.cache.key import CacheKey
 from serving.cache.store import CacheStore
 from serving.cache.text import normalize
 from serving.cache.types import CacheHit, CachedAnswer
-from serving.cache.verifier import REJECTION_LABELS, verify
+from serving.cache.verifier import REJECTION_LABELS, analysis_bytes, analysis_of, verify
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class SemanticCacheCore:
         first_reason = BELOW_THRESHOLD
         for i, (entry, similarity) in enumerate(
                 self.store.search(key, vector, self.max_candidates, self.similarity_threshold)):
-            rejection = verify(query, entry.query, words, entry.words)
+            rejection = verify(query, entry.query, words, entry.words, entry.analysis)
             if rejection is None:
                 self.store.touch(entry)
                 return Decision(CacheHit(answer=entry.answer, similarity=similarity, exact=False))
@@ -124,8 +124,9 @@ class SemanticCacheCore:
     async def insert(self, key: CacheKey, query: str, answer: CachedAnswer) -> None:
         """Store `answer` for `query` under `key` (replacing an exact repeat)."""
         embedding = await self.embedder.embed(query)
-        if self.store.insert(key, query, normalize(query), embedding.vector, answer,
-                             words=embedding.words) is not None:
+        analysis = analysis_of(query)  # kept with the entry: its candidates' analyses are ready
+        if self.store.insert(key, query, normalize(query), embedding.vector, answer, words=embedding.words,
+                             analysis=analysis, analysis_bytes=analysis_bytes(analysis)) is not None:
             self._counts["inserts"] += 1
 
     def flush(self, model: Optional[str] = None, tenant: Optional[str] = None) -> int:

@@ -41,6 +41,9 @@ class Entry:
     # The query's word vectors for the verifier (`embedder.WordVectors`); None after a snapshot
     # reload, when the verifier decides by its rules alone.
     words: Optional[dict] = None
+    # The query's `verifier.analysis_of`, kept with the entry (its bytes are in num_bytes); None
+    # after a snapshot reload (the verifier analyses it then).
+    analysis: Optional[object] = None
 
 
 class Partition:
@@ -143,11 +146,13 @@ class CacheStore:
 
     # ---- writing -------------------------------------------------------------------------------
     def insert(self, key: CacheKey, query: str, norm: str, vector: np.ndarray, answer: CachedAnswer,
-               created_at: Optional[float] = None, words: Optional[dict] = None) -> Optional[Entry]:
+               created_at: Optional[float] = None, words: Optional[dict] = None, analysis: Optional[object] = None,
+               analysis_bytes: int = 0) -> Optional[Entry]:
         """Store an answer (replacing one with the same key and normalised text), with the query's
-        word vectors if given. Returns the entry, or None if it alone is larger than the capacity."""
+        word vectors and verifier analysis (of `analysis_bytes`) if given. Returns the entry, or
+        None if it alone is larger than the capacity."""
         self.expire()
-        entry = self._register(key, query, norm, answer, created_at, words)
+        entry = self._register(key, query, norm, answer, created_at, words, analysis, analysis_bytes)
         if entry is not None:
             self._index_add(self._partitions[key.digest], [entry.entry_id], np.asarray(vector, np.float32)[None])
             self._evict(keep=entry.entry_id)
@@ -171,13 +176,14 @@ class CacheStore:
         return sum(len(v) for v in pending.values())
 
     def _register(self, key: CacheKey, query: str, norm: str, answer: CachedAnswer,
-                  created_at: Optional[float], words: Optional[dict] = None) -> Optional[Entry]:
+                  created_at: Optional[float], words: Optional[dict] = None, analysis: Optional[object] = None,
+                  analysis_bytes: int = 0) -> Optional[Entry]:
         """Create the entry and its partition (everything but the index)."""
         part = self._partitions.get(key.digest)
         # NOTE: entries share their partition's key object (one copy per partition, not per entry).
         entry = Entry(next(self._ids), part.key if part else key, query, norm, answer,
-                      self.clock() if created_at is None else created_at, words=words)
-        entry.num_bytes = (ENTRY_OVERHEAD_BYTES + len(query.encode()) + len(norm.encode())
+                      self.clock() if created_at is None else created_at, words=words, analysis=analysis)
+        entry.num_bytes = (ENTRY_OVERHEAD_BYTES + analysis_bytes + len(query.encode()) + len(norm.encode())
                            + len(answer.text.encode()) + len(answer.finish_reason)
                            + sum(WORD_OVERHEAD_BYTES + len(w) + v.nbytes for w, v in (words or {}).items()))
         if entry.num_bytes + 4 * self.dim + PARTITION_OVERHEAD_BYTES > self.capacity_bytes:

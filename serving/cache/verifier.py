@@ -53,12 +53,28 @@ class Rejection:
     detail: str
 
 
-# NOTE: an analysis holds every token's forms (~10 KB of small objects): 8,192 of them were ~100 MB,
-# which a soak measured as growth while the memo filled; 2,048 covers the queries and candidates
-# of the last minute at saturation here
-@lru_cache(maxsize=2048)
+# NOTE: an analysis holds every token's forms (~260 bytes a token with tracemalloc, ~10 KB for a
+# 48-token prompt). A cache entry keeps its own (`analysis_of` at insert, counted in the cache's
+# capacity: `analysis_bytes`), so this memo only serves a query analysed again soon (a lookup's
+# query is inserted seconds later) and fills within seconds under load: a soak's cache replica grew
+# ~20 MB over five minutes while a memo of 2,048 filled with candidates' analyses.
+@lru_cache(maxsize=256)
 def _analyze(text: str) -> Analysis:
     return analyze(text)
+
+
+def analysis_of(text: str) -> Analysis:
+    """`text.analyze(text)`, memoised for recent texts."""
+    return _analyze(text)
+
+
+ANALYSIS_BASE_BYTES = 512
+ANALYSIS_TOKEN_BYTES = 256
+
+
+def analysis_bytes(analysis: Analysis) -> int:
+    """Estimated memory of an analysis (fitted with tracemalloc on 16-128 token prompts)."""
+    return ANALYSIS_BASE_BYTES + ANALYSIS_TOKEN_BYTES * len(analysis.tokens)
 
 
 def clear_caches() -> None:
@@ -232,10 +248,12 @@ def _implies_why(p: Analysis) -> bool:
 
 
 def verify(query: str, candidate: str, query_words: Optional[WordVectors] = None,
-           candidate_words: Optional[WordVectors] = None) -> Optional[Rejection]:
+           candidate_words: Optional[WordVectors] = None,
+           candidate_analysis: Optional[Analysis] = None) -> Optional[Rejection]:
     """Why `query` and `candidate` do not ask the same thing, or None if they do. The word vectors
-    (from the embedder) are optional: without them the rules decide alone."""
-    a, b = _analyze(query), _analyze(candidate)
+    (from the embedder) are optional: without them the rules decide alone. `candidate_analysis`:
+    the candidate's `analysis_of`, if the caller keeps it."""
+    a, b = _analyze(query), candidate_analysis or _analyze(candidate)
     na, nb = sorted(v for v, _ in a.numbers), sorted(v for v, _ in b.numbers)
     if na != nb:
         return Rejection("numbers", f"{na} vs {nb}")

@@ -10,14 +10,21 @@ from bench.soak import REPEAT_WINDOW, growth, per_minute, prompts, verdict
 MIB = 2**20
 
 
-def test_growth_is_measured_from_the_first_sample_after_minute_1_to_the_last():
+def test_growth_compares_the_median_of_minute_2_with_the_median_of_the_last_minute():
     samples = [(0.0, {1: ("Router", 50 * MIB), 2: ("EngineProcess", 300 * MIB)}),
-               (58.0, {1: ("Router", 90 * MIB), 2: ("EngineProcess", 400 * MIB)}),  # still starting up
-               (61.0, {1: ("Router", 100 * MIB), 2: ("EngineProcess", 400 * MIB), 3: ("ServeReplica:new", MIB)}),
-               (120.0, {1: ("Router", 104 * MIB), 3: ("ServeReplica:new", MIB), 4: ("ServeReplica:late", MIB)})]
+               (58.0, {1: ("Router", 90 * MIB), 2: ("EngineProcess", 400 * MIB)})]  # still starting up
+    router = [100, 101, 140, 100, 102, 101, 103, 104, 103, 150, 105, 104]  # two transient peaks
+    for i, rss in enumerate(router):  # minute 2: 61-111 s; the last minute: 121-171 s
+        procs = {1: ("Router", rss * MIB), 3: ("ServeReplica:new", MIB)}
+        if i < 6:
+            procs[2] = ("EngineProcess", 400 * MIB)
+        if i == len(router) - 1:
+            procs[4] = ("ServeReplica:late", MIB)
+        samples.append((61.0 + 10 * i, procs))
     rows = {r["pid"]: r for r in growth(samples)}
-    assert rows[1]["growth_pct"] == pytest.approx(4.0)
-    assert (rows[1]["start_bytes"], rows[1]["end_bytes"]) == (100 * MIB, 104 * MIB)
+    assert (rows[1]["start_bytes"], rows[1]["end_bytes"]) == (101 * MIB, 104 * MIB)
+    assert rows[1]["growth_pct"] == pytest.approx(100 * 3 / 101)
+    assert rows[1]["point_growth_pct"] == pytest.approx(4.0)  # 100 -> 104, the two single samples
     assert rows[2]["end_bytes"] is None and rows[2]["growth_pct"] is None  # went away
     assert rows[3]["growth_pct"] == 0.0
     assert rows[4]["start_bytes"] is None and rows[4]["label"] == "ServeReplica:late"  # appeared

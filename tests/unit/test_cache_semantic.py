@@ -43,6 +43,8 @@ def test_exact_semantic_and_rejected():
     async def go():
         core = make_core()
         await core.insert(key(), "convert a string to an integer in Python", answer("int(s)"))
+        (entry,) = core.store.entries()
+        assert entry.analysis is not None  # the verifier's reading of it is kept with the entry
         exact = await core.lookup(key(), "Convert a  string to an integer in python")
         assert exact and exact.exact and exact.answer.text == "int(s)"
         para = await core.lookup(key(), "convert a string into an integer in Python")

@@ -104,6 +104,30 @@ def test_word_vectors_are_counted_in_the_bytes():
     assert used <= store.num_bytes <= 1.5 * used, (used, store.num_bytes)
 
 
+def test_verifier_analyses_are_counted_in_the_bytes():
+    import random
+    import tracemalloc
+
+    from bench import workload
+    from serving.cache.text import analyze
+    from serving.cache.verifier import analysis_bytes
+
+    rng = random.Random(0)
+    prompts = [workload.make_prompt(rng, n) for n in (16, 48, 128) for _ in range(100)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    analyses = [analyze(p) for p in prompts]
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    estimated = sum(analysis_bytes(a) for a in analyses)
+    assert used <= estimated <= 1.3 * used, (used, estimated)
+    store = CacheStore(DIM, 1 << 30)
+    entry = store.insert(key(), "q", "q", encode(["q"])[0], answer("a"), analysis=analyses[0],
+                         analysis_bytes=analysis_bytes(analyses[0]))
+    plain = store.insert(key(), "r", "r", encode(["r"])[0], answer("a"))
+    assert entry.analysis is analyses[0] and entry.num_bytes - plain.num_bytes == analysis_bytes(analyses[0])
+
+
 def test_lru_evicts_least_recent_and_lfu_least_frequent():
     for eviction, survivor in (("lru", "q0"), ("lfu", "q0")):
         store = CacheStore(DIM, 1 << 20, eviction=eviction)
