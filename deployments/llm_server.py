@@ -59,6 +59,7 @@ class LLMServer:
         self.recent_steps: collections.deque = collections.deque(maxlen=256)
         self.last_stats = None  # the newest StepStats the step thread handed over
         self.spec_totals: dict[str, list[int]] = {}  # proposer -> [proposed, accepted, verified rows]
+        self.prefix_totals = [0, 0]  # prefix cache: tokens queried, of them hit
         self._stop_watch: Optional[asyncio.Task] = None  # drains the replica once Serve stops it
         logger.info("LLMServer ready: model=%s tp=%d kv_blocks=%d executor=%s engine_process=%s", self.info.name,
                     config.parallel.tensor_parallel_size, self.num_kv_blocks, config.parallel.executor,
@@ -153,6 +154,37 @@ class LLMServer:
         finally:
             self.load.ended(request_id)
 
+    async def generate_choices(self, request: Union[CompletionRequest, ChatCompletionRequest],
+                               request_id: str = "") -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """n > 1: every choice is a sequence of this replica's engine (choice i of a seeded request
+        with seed + i: reproducible, and the choices differ), so they share the prompt's KV blocks
+        (serving/block_manager.py). Streams (choice index, output) as they come; a choice's error
+        ends the whole stream. Call with stream=True."""
+        request_id = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, choice) -> None:
+            try:
+                async for out in self.generate(choice, f"{request_id}-{index}"):
+                    queue.put_nowait((index, out, None))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((index, None, e))
+
+        seed = request.seed
+        tasks = [asyncio.create_task(pump(i, request.model_copy(update={"n": 1, "seed": None if seed is None else seed + i})))
+                 for i in range(request.n)]
+        try:
+            left = request.n
+            while left:
+                index, out, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield index, out
+                left -= out.finished
+        finally:
+            for task in tasks:  # NOTE: cancelling a choice's stream aborts its sequence
+                task.cancel()
+
     async def _drain_when_stopped(self) -> None:
         """Once Serve stops this replica: the requests in flight finish for up to the drain timeout,
         the rest end with 503. Serve then calls `__del__`, which stops the engine."""
@@ -216,7 +248,8 @@ class LLMServer:
         out = {"num_requests": self.num_requests, "max_num_seqs": self.config.scheduler.max_num_seqs,
                "num_kv_blocks": num_blocks,
                "num_kv_blocks_free": last.num_kv_blocks_free if last else num_blocks,
-               "num_pending": self.engine.num_pending}
+               "num_pending": self.engine.num_pending, "prefix_cache_queried_tokens": self.prefix_totals[0],
+               "prefix_cache_hit_tokens": self.prefix_totals[1]}
         for proposer, (proposed, accepted, rows) in self.spec_totals.items():
             out[f"spec_{proposer}"] = {"proposed": proposed, "accepted": accepted, "verified_rows": rows}
         if steps:  # medians over the last (up to) 256 steps, in seconds
@@ -256,6 +289,8 @@ class LLMServer:
 
     def _on_step(self, stats, finished) -> None:
         self.last_stats = stats
+        self.prefix_totals[0] += stats.num_prefix_queried_tokens
+        self.prefix_totals[1] += stats.num_prefix_hit_tokens
         for proposer, counts in stats.spec_by_proposer.items():
             total = self.spec_totals.setdefault(proposer, [0, 0, 0])
             for i, c in enumerate(counts):

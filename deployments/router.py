@@ -160,6 +160,8 @@ class Router:
         # NOTE: made once: `options()` (and `handle.generate`, which calls it) builds a new handle, a
         # cost on every request otherwise
         self._llm_generate = {name: h.options(stream=True, method_name="generate") for name, h in self.llms.items()}
+        self._llm_choices = {name: h.options(stream=True, method_name="generate_choices")
+                             for name, h in self.llms.items()}
         self.config = config
         keys = load_api_keys(config.router.api_keys_file, os.environ)
         self.api_keys = ApiKeys(keys) if keys else None  # None: keys are off
@@ -297,7 +299,7 @@ class Router:
         if handle is None:
             raise ModelNotFoundError(f"The model '{request.model}' does not exist; see /v1/models.")
         if request.n > 1:
-            async for item in self._choices(handle, request):
+            async for item in self._choices(request):
                 yield item
             return
         lookup = self.cache.lookup_args(request, tenant)
@@ -327,36 +329,17 @@ class Router:
                 # the dead one from its routing)
                 logger.warning("LLM replica of '%s' died before its first output; retrying once", request.model)
 
-    @staticmethod
-    async def _choices(handle: DeploymentHandle, request: AnyRequest):
-        """n > 1: each choice is its own request to the LLM server (choice i of a seeded request with
-        seed + i: reproducible, and the choices differ), their outputs merged as they come. The
-        cache is neither read nor written."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, choice: AnyRequest):
-            try:
-                async for out in handle.remote(choice, unique_id("req")):
-                    queue.put_nowait((index, out, None))
-            except Exception as e:
-                queue.put_nowait((index, None, e))
-
-        seed = request.seed
-        tasks = [asyncio.create_task(pump(i, request.model_copy(update={
-            "n": 1, "seed": None if seed is None else seed + i}))) for i in range(request.n)]
+    async def _choices(self, request: AnyRequest):
+        """n > 1: all choices go to one LLM replica (`LLMServer.generate_choices`), where they are
+        sequences of one engine sharing the prompt's KV blocks. The cache is neither read nor
+        written."""
         try:
-            left = request.n
-            while left:
-                index, out, error = await queue.get()
-                if error is not None:
-                    if replica_died(error):
-                        raise ReplicaDiedError() from error
-                    raise error  # NOTE: the choice's own error (a 400 stays a 400), not a dead replica
+            async for index, out in self._llm_choices[request.model].remote(request, unique_id("req")):
                 yield index, out, False
-                left -= out.finished
-        finally:
-            for task in tasks:  # NOTE: cancelling a choice's stream aborts its sequence
-                task.cancel()
+        except Exception as e:
+            if replica_died(e):
+                raise ReplicaDiedError() from e
+            raise  # NOTE: the choice's own error (a 400 stays a 400), not a dead replica
 
     async def _prompt_text(self, request: AnyRequest) -> str:
         """The prompt's text for `echo` (completions), else ""."""

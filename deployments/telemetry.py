@@ -148,6 +148,9 @@ class EngineTelemetry:
         count every step (they cost nothing when zero)."""
         t = self._tags
         _inc(m.PREEMPTIONS, stats.num_preempted, t)
+        if stats.num_prefix_queried_tokens:
+            self._counts.add(m.PREFIX_QUERIED, t, stats.num_prefix_queried_tokens)
+            self._counts.add(m.PREFIX_HITS, t, stats.num_prefix_hit_tokens)
         for proposer, (proposed, accepted, rows) in stats.spec_by_proposer.items():
             tags = {**t, "proposer": proposer}
             self._counts.add(m.SPEC_PROPOSED, tags, proposed)

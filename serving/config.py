@@ -56,6 +56,9 @@ class SchedulerConfig(_Frozen):
     # KV capacity: an explicit number of blocks, or a per-rank memory budget in bytes.
     num_kv_blocks: Optional[int] = Field(default=None, ge=1)
     kv_cache_memory_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    # Full KV blocks are shared between sequences with the same token prefix (n choices, a system
+    # prompt, a conversation's next turn): serving/block_manager.py.
+    enable_prefix_caching: bool = True
     # Requests waiting beyond this are refused with 429 (never queued without bound).
     max_waiting_requests: int = Field(default=2048, ge=1)
     # Minimum seconds between two stream items of one request (tokens go out in small groups;
@@ -370,6 +373,7 @@ FLAT_ARGS: dict[str, tuple[str, str]] = {
     "block_size": ("scheduler", "block_size"),
     "num_kv_blocks": ("scheduler", "num_kv_blocks"),
     "kv_cache_memory_bytes": ("scheduler", "kv_cache_memory_bytes"),
+    "enable_prefix_caching": ("scheduler", "enable_prefix_caching"),
     "max_waiting_requests": ("scheduler", "max_waiting_requests"),
     "speculative_method": ("speculative", "method"),
     "draft_model": ("speculative", "draft_model"),

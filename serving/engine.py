@@ -42,7 +42,8 @@ class LLMEngine:
         self.info = info
         self.tokenizer = tokenizer
         self.executor = executor
-        self.blocks = BlockManager(num_kv_blocks, config.scheduler.block_size)
+        self.blocks = BlockManager(num_kv_blocks, config.scheduler.block_size,
+                                   config.scheduler.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -110,6 +111,8 @@ class LLMEngine:
         batch = self.scheduler.schedule(spec.lookahead if spec is not None else None)
         outputs: list[GenerationOutput] = []
         stats = StepStats(num_preempted=batch.num_preempted, num_seqs=len(batch.entries),
+                          num_prefix_queried_tokens=batch.num_prefix_queried_tokens,
+                          num_prefix_hit_tokens=batch.num_prefix_hit_tokens,
                           num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens)
         if batch:
             now = time.monotonic()
@@ -130,6 +133,7 @@ class LLMEngine:
             stats.model_time_s = result.model_time_s
             for seq, n in batch.entries:
                 seq.num_computed_tokens += n
+                self.blocks.register_computed(seq)
             if scored:
                 self._take_prompt_logprobs(scored, result.prompt_logprobs)
             logprobs = dict(zip(inp.logprob_rows, result.logprobs))
@@ -140,6 +144,7 @@ class LLMEngine:
                 if inp.num_proposals and inp.num_proposals[j]:
                     emitted = next(accepted)
                     seq.num_computed_tokens += len(emitted) - 1  # the accepted proposals' K/V are kept
+                    self.blocks.register_computed(seq)
                     spec.verified(seq, emitted, stats)
                     outputs.append(self._append_tokens(seq, emitted, now))
                 else:

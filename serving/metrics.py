@@ -98,6 +98,10 @@ NUM_WAITING = MetricSpec("llm_num_waiting_seqs", G, "Sequences waiting for admis
 KV_BLOCKS_USED = MetricSpec("llm_kv_blocks_used", G, "KV cache blocks in use.", _MODEL)
 KV_BLOCKS_FREE = MetricSpec("llm_kv_blocks_free", G, "KV cache blocks free.", _MODEL)
 PREEMPTIONS = MetricSpec("llm_preemptions", C, "Sequences preempted to free KV blocks.", _MODEL)
+PREFIX_QUERIED = MetricSpec("llm_prefix_cache_queried_tokens", C,
+                            "Tokens of admitted sequences that looked in the prefix cache.", _MODEL)
+PREFIX_HITS = MetricSpec("llm_prefix_cache_hit_tokens", C,
+                         "Of them, tokens found computed (their KV blocks shared, not computed again).", _MODEL)
 BATCH_SIZE = MetricSpec("llm_batch_size", H, "Sequences in one engine step's batch.", _MODEL, BATCH_SIZE_BUCKETS)
 BATCH_TOKENS = MetricSpec("llm_batch_num_tokens", H, "Tokens (prefill plus decode) computed in one engine step.",
                           _MODEL, BATCH_TOKEN_BUCKETS)

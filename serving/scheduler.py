@@ -3,7 +3,9 @@
 Pure Python over two queues. Per step, within `max_num_batched_tokens` and `max_num_seqs`:
 1. running sequences first, oldest first: one decode token each, or the next chunk of a prompt
    still being prefilled (chunked prefill, so a long prompt never stalls decoding);
-2. then waiting sequences, oldest first, as long as tokens, sequence slots and KV blocks allow.
+2. then waiting sequences, oldest first, as long as tokens, sequence slots and KV blocks allow;
+   each first takes the computed blocks of its longest cached prefix (serving/block_manager.py),
+   and a prompt whose first block another prompt computes in this step waits for the next one.
 When a running sequence needs a block and none is free, the newest running sequence is preempted:
 its blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its
 tokens (prompt plus what it has generated) when there is room.
@@ -28,6 +30,9 @@ class ScheduledBatch:
     # 0 for prefill chunks and for sequences that do not speculate this step.
     lookahead: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    # Admitted this step: tokens of the sequences that looked in the prefix cache, and of them found
+    num_prefix_queried_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -90,12 +95,27 @@ class Scheduler:
             i += 1
         if batch.num_preempted:
             return batch  # NOTE: admit nothing new while memory is short
-        while self.waiting and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # First-block keys of prompts being prefilled: a waiting prompt that starts the same way and
+        # finds nothing cached waits for their blocks (n choices of one prompt arrive together)
+        prefilling = {self.blocks.first_block_key(s) for s in self.running if s.is_prefill} - {None}
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(batch.entries) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            cached = self.blocks.take_cached_prefix(seq)
+            first = self.blocks.first_block_key(seq)
+            if not cached and first in prefilling:
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget, self._fit(seq))
             if n <= 0:
+                self.blocks.free(seq)  # the blocks it took back stay registered
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
+            if self.blocks.may_share(seq):
+                batch.num_prefix_queried_tokens += len(seq)
+                batch.num_prefix_hit_tokens += cached
+            if first is not None and not cached:
+                prefilling.add(first)  # its first block is computed in this step
             self.blocks.grow(seq, seq.num_computed_tokens + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

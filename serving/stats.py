@@ -20,6 +20,8 @@ class StepStats:
     num_decode_tokens: int = 0  # decode positions computed this step
     num_seqs: int = 0  # sequences in this step's batch
     num_preempted: int = 0  # sequences preempted during this step's scheduling
+    num_prefix_queried_tokens: int = 0  # tokens of the sequences admitted this step that may share blocks
+    num_prefix_hit_tokens: int = 0  # of them, found computed in the prefix cache
     num_kv_blocks_used: int = 0
     num_kv_blocks_free: int = 0
     num_spec_proposed: int = 0  # speculative tokens proposed this step

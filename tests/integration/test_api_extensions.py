@@ -207,6 +207,27 @@ def test_repetition_penalty_equals_hf_generate(llm_app, hf):
     assert res.choices[0].model_extra["token_ids"] == out[0, len(ids):].tolist()
 
 
+def test_n_choices_share_the_prompts_kv_blocks_and_each_equals_hf_generate(llm_app, hf):
+    """n = 3 greedy: one replica's engine runs the choices, which take the first choice's prompt
+    blocks (block_size 8 here) instead of computing them again; each choice is HF's greedy answer."""
+    from ray import serve
+
+    model, tok = hf
+    ids = tok("The history of the city begins with a small settlement on the river, where traders "
+              "from the north and the south met to exchange salt, grain and cloth").input_ids
+    handle = serve.get_deployment_handle(f"LLMServer:{TINY_NAME}", app_name="llm")
+    before = handle.stats.remote().result(timeout_s=30)
+    res = completion(llm_app, prompt=ids, max_tokens=8, temperature=0, n=3, return_token_ids=True)
+    after = handle.stats.remote().result(timeout_s=30)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)
+    assert [c.model_extra["token_ids"] for c in res.choices] == [out[0, len(ids):].tolist()] * 3
+    hit = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+    assert hit >= 2 * ((len(ids) - 1) // 8 * 8), (hit, len(ids))  # choices 1 and 2 took choice 0's full blocks
+    assert after["prefix_cache_queried_tokens"] - before["prefix_cache_queried_tokens"] == 3 * len(ids)
+
+
 def test_tokenize_and_detokenize(llm_app, hf):
     tok = hf[1]
     text = "Hello, world! How are"

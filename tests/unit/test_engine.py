@@ -49,6 +49,7 @@ def no_leftovers(engines):
     for engine in engines.built.values():
         for request_id in list(engine._seqs):
             engine.abort(request_id)
+        engine.blocks.reset_prefix_cache()  # each test sees its own prompts' blocks only
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,47 @@ def test_greedy_equals_hf_generate_under_preemption(engines, reference, block_si
     for rid, prompt, params, _ in requests:
         assert results[rid]["tokens"] == reference(prompt, params.max_tokens), rid
     assert_idle(engine)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_prefix_caching_shares_computed_blocks_and_equals_hf_generate(engines, reference, block_size):
+    """Prompts that share a prefix (a system prompt; the same prompt twice, as n choices send it) at
+    the same step and later: they compute only what is not cached, and every output is HF's."""
+    engine = engines(block_size=block_size, max_num_batched_tokens=64)
+    vocab = engine.info.vocab_size
+    system, = prompts(1, [37], vocab)
+    tails = prompts(2, [5, 11, 1], vocab)
+    same = system + tails[0]
+    greedy = lambda m: SamplingParams(max_tokens=m, temperature=0.0)  # noqa: E731
+    requests = [("a", same, greedy(6), 0), ("a2", same, greedy(6), 0),  # together: a2 waits a step, then shares
+                ("b", system + tails[1], greedy(5), 3), ("c", system + tails[2], greedy(4), 3),
+                ("d", same + [9] * 4, greedy(3), 9)]
+    results, stats = run(engine, requests)
+    for rid, prompt, params, _ in requests:
+        assert results[rid]["tokens"] == reference(prompt, params.max_tokens), rid
+    hit = sum(s.num_prefix_hit_tokens for s in stats)
+    prefill = sum(s.num_prefill_tokens for s in stats)
+    full = lambda n: (n - 1) // block_size * block_size  # noqa: E731 - what a prompt of n tokens can take
+    shared = len(system) // block_size * block_size
+    # a2 takes a's blocks; b and c take the system prompt's; d takes a's (and a's answer's first token)
+    assert hit >= full(len(same)) + 2 * min(shared, full(len(system) + 1)) + full(len(same)), hit
+    assert sum(s.num_prefix_queried_tokens for s in stats) == sum(len(p) for _, p, _, _ in requests)
+    total = sum(len(p) for _, p, _, _ in requests)
+    assert prefill + sum(s.num_decode_tokens for s in stats) == total - hit + sum(
+        p.max_tokens - 1 for _, _, p, _ in requests)
+    assert_idle(engine)
+
+
+def test_prefix_caching_off_computes_every_prompt(tiny_model, reference):
+    engine = build_engine(LLMConfig(model=ModelConfig(path=tiny_model, dtype="float32"), scheduler=SchedulerConfig(
+        block_size=4, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, enable_prefix_caching=False)))
+    prompt, = prompts(3, [20], engine.info.vocab_size)
+    requests = [(f"r{i}", prompt, SamplingParams(max_tokens=3, temperature=0.0), i) for i in range(3)]
+    results, stats = run(engine, requests)
+    assert all(results[r]["tokens"] == reference(prompt, 3) for r, *_ in requests)
+    assert sum(s.num_prefix_hit_tokens for s in stats) == 0
+    assert sum(s.num_prefill_tokens for s in stats) == 3 * len(prompt)
+    engine.shutdown()
 
 
 def test_many_queued_requests_all_complete_and_return_their_blocks(engines):

@@ -13,10 +13,12 @@ from serving.scheduler import Scheduler
 from serving.sequence import Sequence, SequenceStatus
 
 
-def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=16) -> Scheduler:
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=16,
+         prefix_caching=False) -> Scheduler:
+    """NOTE: prefix caching off unless asked: most prompts here are the same tokens."""
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              block_size=block_size, num_kv_blocks=num_blocks)
-    return Scheduler(config, BlockManager(num_blocks, block_size))
+    return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
 
 
 def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
@@ -27,6 +29,7 @@ def complete(sched: Scheduler, batch) -> None:
     """What the engine does after a forward: count the computed tokens, sample where a sequence is complete."""
     for s, n in batch.entries:
         s.num_computed_tokens += n
+        sched.blocks.register_computed(s)
     for s, n in batch.entries:
         if s.num_computed_tokens == len(s):
             s.token_ids.append(7)
@@ -248,3 +251,35 @@ def test_random_workload_keeps_invariants_and_finishes(seed, block_size, num_blo
             assert s.num_output_tokens == s.params.max_tokens
     assert sched.blocks.num_free_blocks == num_blocks
     assert num_preempted > 0, "the workload should be tight enough to preempt"
+
+
+def test_a_prompt_whose_first_block_is_being_computed_waits_a_step_then_shares_it():
+    sched = make(block_size=4, max_num_batched_tokens=64, prefix_caching=True)
+    a, b = seq("a", 10), seq("b", 10)  # the same ten tokens: n = 2
+    other = Sequence("o", [5] * 6, SamplingParams(max_tokens=100))
+    for s in (a, b, other):
+        sched.add(s)
+    first = sched.schedule()
+    assert plan(first) == [("a", 10), ("o", 6)]  # b waits, the one after it does not
+    complete(sched, first)
+    second = sched.schedule()
+    assert plan(second) == [("a", 1), ("o", 1), ("b", 2)]  # b takes a's two full blocks
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
+    assert (second.num_prefix_queried_tokens, second.num_prefix_hit_tokens) == (10, 8)
+    assert (first.num_prefix_queried_tokens, first.num_prefix_hit_tokens) == (16, 0)
+
+
+def test_a_preempted_sequence_takes_its_own_blocks_back():
+    sched = make(num_blocks=6, block_size=4, max_num_batched_tokens=32, prefix_caching=True)
+    a, b = seq("a", 12), Sequence("b", [5] * 8, SamplingParams(max_tokens=100))
+    sched.add(a)
+    complete(sched, sched.schedule())
+    sched.add(b)
+    for _ in range(20):  # both decode until the blocks run out and the newest (b) is preempted
+        complete(sched, sched.schedule())
+        if b.num_preemptions:
+            break
+    assert b.num_preemptions == 1 and b.status == SequenceStatus.WAITING
+    sched.finish(a, "length")
+    back = sched.schedule()
+    assert plan(back) == [("b", len(b) - 8)] and back.num_prefix_hit_tokens == 8  # its two full blocks
