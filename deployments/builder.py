@@ -25,6 +25,7 @@ def build_app(config: AppConfig) -> serve.Application:
     from deployments.llm_server import LLMServer, LLMServerDeployment
     from deployments.router import Router
     from parallel.build import resolve_device
+    from serving.heap import replica_env_vars
     from ray.serve.config import BackpressureConfig
 
     logging = {"enable_access_log": config.access_log}
@@ -43,7 +44,8 @@ def build_app(config: AppConfig) -> serve.Application:
     shutdown = {"graceful_shutdown_timeout_s": stop.graceful_shutdown_timeout_s,
                 "graceful_shutdown_wait_loop_s": stop.graceful_shutdown_wait_loop_s}
     return Router.options(num_replicas=config.router.num_replicas, logging_config=logging,
-                          ray_actor_options={"num_cpus": config.router.num_cpus},
+                          ray_actor_options={"num_cpus": config.router.num_cpus,
+                                             "runtime_env": {"env_vars": replica_env_vars()}},
                           max_ongoing_requests=config.router.max_ongoing_requests,
                           max_queued_requests=config.router.max_queued_requests,
                           backpressure_config=overload, **shutdown).bind(llms, caches, config)

@@ -22,7 +22,7 @@ from ray import serve
 from serving.cache.key import CacheKey
 from serving.cache.types import CacheHit, CachedAnswer
 from serving.config import CacheConfig
-from serving.heap import start_heap_trimmer
+from serving.heap import replica_env_vars, start_heap_trimmer
 
 logger = logging.getLogger("ray.serve")
 
@@ -129,5 +129,7 @@ class SemanticCache:
 def cache_partitions(config: CacheConfig, logging_config: Optional[dict] = None) -> list:
     """One bound `SemanticCache` application per partition, named SemanticCache0..N-1; pass them
     to the router, which calls `partition_of(key, len(handles))` for each request."""
-    return [SemanticCache.options(name=f"SemanticCache{p}", logging_config=logging_config).bind(config, p)
+    options = {"num_cpus": 0.25, "runtime_env": {"env_vars": replica_env_vars()}}  # serving/heap.py
+    return [SemanticCache.options(name=f"SemanticCache{p}", logging_config=logging_config,
+                                  ray_actor_options=options).bind(config, p)
             for p in range(config.num_replicas)]

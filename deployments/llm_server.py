@@ -22,7 +22,7 @@ from ray import serve
 
 from deployments.autoscaling import ReplicaLoad, autoscaling_options
 from serving.config import LLMConfig
-from serving.heap import start_heap_trimmer
+from serving.heap import replica_env_vars, start_heap_trimmer
 from serving.protocol import ChatCompletionRequest, CompletionRequest, GenerationOutput
 
 logger = logging.getLogger("ray.serve")
@@ -102,7 +102,8 @@ class LLMServer:
             "health_check_timeout_s": max(30.0, serve_opts.health_check_period_s * 3),
             "graceful_shutdown_timeout_s": serve_opts.graceful_shutdown_timeout_s,
             "graceful_shutdown_wait_loop_s": serve_opts.graceful_shutdown_wait_loop_s,
-            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": replica_gpus},
+            "ray_actor_options": {"num_cpus": bundles[0]["CPU"], "num_gpus": replica_gpus,
+                                  "runtime_env": {"env_vars": replica_env_vars()}},  # serving/heap.py
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
         }

@@ -13,17 +13,26 @@ for a router's heap.
 `start_heap_trimmer` runs it every few seconds in a daemon thread, once per process; `heap_trimmer`
 makes a function that a hot path calls right after freeing a lot (the embedder, after each batch).
 Both are no-ops where the C library has no `malloc_trim` (musl, macOS).
+
+Trimming gives back whole free pages only; what fragments is spread over many arenas: glibc gives
+each thread that allocates its own (up to 8 per core), and a Ray worker runs a dozen C++ threads
+(gRPC, the core worker's event loops), whose arenas each kept their own free chunks. With two
+arenas per process (`MALLOC_ARENA_MAX=2`, read by glibc when the process starts, so it is set in the
+replicas' runtime environment: `replica_env_vars`) the 10-minute soak's router grew +0.55% instead
+of +4.95%, the LLM server +0.27% instead of +2.80%, at the same tokens/s.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 from typing import Callable, Optional
 
 DEFAULT_INTERVAL_S = 5.0
+MALLOC_ARENA_MAX = "2"
 
 _lock = threading.Lock()
 _thread: Optional[threading.Thread] = None
@@ -67,3 +76,9 @@ def start_heap_trimmer(interval_s: float = DEFAULT_INTERVAL_S) -> bool:
             _thread = threading.Thread(target=run, name="heap-trim", daemon=True)
             _thread.start()
     return True
+
+
+def replica_env_vars() -> dict[str, str]:
+    """Environment variables for a serving replica's `runtime_env` (merged into the app's own): two
+    malloc arenas, unless this process's environment says otherwise."""
+    return {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)}

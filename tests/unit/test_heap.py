@@ -34,3 +34,17 @@ def test_trimming_returns_freed_heap_pages():
     for c in chunks[1::2]:
         libc.free(c)
     assert before - after > 64 << 10, (before, after)  # most of the 128 MiB went back (KiB)
+
+
+def test_every_serving_replica_runs_with_two_malloc_arenas(monkeypatch):
+    from ray.serve._private.build_app import build_app as serve_build_app
+
+    from deployments.builder import build_app
+    from serving.config import AppConfig
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    built = serve_build_app(build_app(AppConfig()), name="llm", make_deployment_handle=lambda d, a: None)
+    envs = {d.name: d.ray_actor_options["runtime_env"]["env_vars"] for d in built.deployments}
+    assert envs == {name: {"MALLOC_ARENA_MAX": "2"} for name in ("Router", "SemanticCache0", "LLMServer:embedded")}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the operator's own setting wins
+    assert heap.replica_env_vars() == {"MALLOC_ARENA_MAX": "4"}
