@@ -197,6 +197,10 @@ ENGINE = Dashboard(
             Panel("Sequences per replica", "Running and waiting sequences, per replica.",
                   (Target(gauge(m.NUM_RUNNING, ("replica",)), f"running {_REPLICA}"),
                    Target(gauge(m.NUM_WAITING, ("replica",)), f"waiting {_REPLICA}"))),
+            Panel("Prefix cache hit rate", "Share of admitted prompt tokens whose KV blocks were already "
+                                           "computed (shared, not computed again), per replica.",
+                  (Target(ratio(rate(m.PREFIX_HITS, ("replica",)), rate(m.PREFIX_QUERIED, ("replica",))),
+                          _REPLICA),), unit="percentunit"),
         )),
         Row("Speculative decoding", (
             Panel("Speculative tokens per second", "Tokens proposed and accepted by the target model, per proposer.",
