@@ -12,7 +12,7 @@ from typing import Optional
 
 from serving.protocol import (
     AnyRequest, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, CompletionChoice, CompletionChunk,
-    DeltaMessage, GenerationOutput, TokenLogprob, Usage, unique_id,
+    DeltaMessage, GenerationOutput, PromptTokensDetails, TokenLogprob, Usage, unique_id,
 )
 
 
@@ -20,7 +20,11 @@ def usage_of(lasts: list[GenerationOutput]) -> Usage:
     """Usage of a request from each choice's last output (the prompt is counted once)."""
     prompt = lasts[0].num_prompt_tokens
     completion = sum(out.num_output_tokens for out in lasts)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    # NOTE: prompt tokens computed by an earlier request; with n > 1 the later choices take the first
+    # one's blocks, which the prompt (counted once) did not get from the cache
+    cached = min(out.num_cached_tokens for out in lasts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _token_bytes(token: str) -> list[int]:

@@ -336,7 +336,8 @@ class LLMEngine:
         text = detok.release(final=reason is not None) if first or reason is not None or detok.stop else ""
         out = GenerationOutput(request_id=seq.request_id, text=text, token_ids=[token],
                                finished=reason is not None, finish_reason=reason,
-                               num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens)
+                               num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+                               num_cached_tokens=seq.num_cached_prompt_tokens)
         if logprob is not None:
             out.logprobs = [self._token_logprob(token, logprob)]
         if first and seq.prompt_logprobs is not None:

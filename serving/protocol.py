@@ -370,10 +370,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens not computed again: their KV blocks were shared
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionChoice(BaseModel):
@@ -499,6 +504,7 @@ class GenerationOutput:
     num_output_tokens: int = 0
     logprobs: Optional[list[TokenLogprob]] = None  # one per new token id, when asked
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # on the first output, when asked
+    num_cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
 
 
 def merge_outputs(outs: list[GenerationOutput]) -> GenerationOutput:
@@ -511,4 +517,4 @@ def merge_outputs(outs: list[GenerationOutput]) -> GenerationOutput:
     prompt_logprobs = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
     return GenerationOutput(last.request_id, "".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
                             last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
-                            logprobs, prompt_logprobs)
+                            logprobs, prompt_logprobs, last.num_cached_tokens)

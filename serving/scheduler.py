@@ -114,6 +114,8 @@ class Scheduler:
             if self.blocks.may_share(seq):
                 batch.num_prefix_queried_tokens += len(seq)
                 batch.num_prefix_hit_tokens += cached
+            if not seq.num_preemptions:
+                seq.num_cached_prompt_tokens = cached
             if first is not None and not cached:
                 prefilling.add(first)  # its first block is computed in this step
             self.blocks.grow(seq, seq.num_computed_tokens + n)

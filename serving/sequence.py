@@ -34,6 +34,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in this sequence's blocks
         self.block_table: list[int] = []
         self.num_registered_blocks = 0  # of block_table, the first ones registered for prefix caching
+        self.num_cached_prompt_tokens = 0  # prompt tokens taken from the prefix cache when first admitted
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
         # With params.prompt_logprobs: one entry per prompt token scored so far (the first, unscored: None).

@@ -53,8 +53,29 @@ def test_greedy_tp2_concurrent_equals_hf_generate(llm_app, hf):
         ids = tok(prompt).input_ids
         expected = hf_greedy(hf, ids, 24)
         assert res["choices"][0]["token_ids"] == expected, prompt
-        assert res["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
-                                "total_tokens": len(ids) + len(expected)}
+        usage = dict(res["usage"])
+        cached = usage.pop("prompt_tokens_details")["cached_tokens"]
+        assert usage == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                         "total_tokens": len(ids) + len(expected)}
+        assert 0 <= cached < len(ids)  # another test may have sent a prompt that starts the same way
+
+
+def test_usage_reports_the_prompt_tokens_taken_from_the_prefix_cache(client, hf):
+    """The same long prompt twice (semantic cache off): the second computes only its last block."""
+    tok = hf[1]
+    prompt = "A prefix cache keeps the key and value blocks of a prompt so that the next request with it " * 2
+    n = len(tok(prompt).input_ids)
+    extra = {"cache": {"skip": True, "no_store": True}}
+    first = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=2, temperature=0, extra_body=extra)
+    chunks = list(client.chat.completions.create(
+        model=TINY_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=2, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra))
+    again = client.completions.create(model=TINY_NAME, prompt=prompt, max_tokens=2, temperature=0, extra_body=extra)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == n
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 8 * 8  # block_size 8: all full blocks
+    assert again.choices[0].text == first.choices[0].text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # the chat template starts differently
 
 
 def test_openai_client_completions_and_chat(client, hf):

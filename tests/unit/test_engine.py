@@ -106,6 +106,7 @@ def run(engine, requests: list[tuple[str, list[int], SamplingParams, int]], max_
             r["tokens"] += out.token_ids
             r["text"] += out.text
             r["num_output_tokens"] = out.num_output_tokens
+            r["num_cached_tokens"] = out.num_cached_tokens
             assert out.num_output_tokens == len(r["tokens"])
             if out.finished:
                 r["reason"] = out.finish_reason
@@ -187,6 +188,7 @@ def test_prefix_caching_shares_computed_blocks_and_equals_hf_generate(engines, r
     prefill = sum(s.num_prefill_tokens for s in stats)
     full = lambda n: (n - 1) // block_size * block_size  # noqa: E731 - what a prompt of n tokens can take
     shared = len(system) // block_size * block_size
+    assert results["a"]["num_cached_tokens"] == 0 and results["a2"]["num_cached_tokens"] == full(len(same))
     # a2 takes a's blocks; b and c take the system prompt's; d takes a's (and a's answer's first token)
     assert hit >= full(len(same)) + 2 * min(shared, full(len(system) + 1)) + full(len(same)), hit
     assert sum(s.num_prefix_queried_tokens for s in stats) == sum(len(p) for _, p, _, _ in requests)
