@@ -77,6 +77,7 @@ class StandInLLM:
             self.telemetry.record_step(StepStats(
                 num_running=1 + n % 3, num_waiting=n % 2, num_prefill_tokens=12 if i == 0 else 0,
                 num_decode_tokens=1, num_seqs=1 + n % 4, num_preempted=int(i == 0 and n % 3 == 0),
+                num_prefix_queried_tokens=12 if i == 0 else 0, num_prefix_hit_tokens=8 * (n % 2) if i == 0 else 0,
                 num_kv_blocks_used=4 + n % 8, num_kv_blocks_free=60 - n % 8, num_spec_proposed=4,
                 num_spec_accepted=n % 5, spec_by_proposer={"ngram" if n % 2 else "draft": [4, n % 5, 1]},
                 step_time_s=time.monotonic() - start, forward_time_s=0.002,
