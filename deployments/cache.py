@@ -129,7 +129,7 @@ class SemanticCache:
 def cache_partitions(config: CacheConfig, logging_config: Optional[dict] = None) -> list:
     """One bound `SemanticCache` application per partition, named SemanticCache0..N-1; pass them
     to the router, which calls `partition_of(key, len(handles))` for each request."""
-    options = {"num_cpus": 0.25, "runtime_env": {"env_vars": replica_env_vars()}}  # serving/heap.py
+    options = {**SemanticCache.ray_actor_options, "runtime_env": {"env_vars": replica_env_vars()}}  # serving/heap.py
     return [SemanticCache.options(name=f"SemanticCache{p}", logging_config=logging_config,
                                   ray_actor_options=options).bind(config, p)
             for p in range(config.num_replicas)]

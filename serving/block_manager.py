@@ -39,8 +39,6 @@ class BlockManager:
         self._generation = [0] * num_blocks
         self._key_of: dict[int, BlockKey] = {}  # registered block -> its key
         self._by_key: dict[BlockKey, int] = {}
-        self.num_prefix_queried_tokens = 0  # prompt tokens of the sequences that looked
-        self.num_prefix_hit_tokens = 0  # ... of them found computed
 
     @property
     def num_free_blocks(self) -> int:
@@ -104,7 +102,7 @@ class BlockManager:
         """The key of a sequence's first block if its prompt could share it, else None."""
         if not self.may_share(seq) or len(seq) <= self.block_size:
             return None
-        return -1, 0, tuple(seq.token_ids[:self.block_size])
+        return self._key(seq, 0)
 
     def may_share(self, seq: Sequence) -> bool:
         """Whether `seq` may take cached blocks."""
@@ -118,7 +116,6 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.may_share(seq):
             return 0
-        self.num_prefix_queried_tokens += len(seq)
         for j in range((len(seq) - 1) // self.block_size):
             block = self._by_key.get(self._key(seq, j))
             if block is None:
@@ -129,7 +126,6 @@ class BlockManager:
             seq.block_table.append(block)
         seq.num_registered_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        self.num_prefix_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
 
     def register_computed(self, seq: Sequence) -> None:
